@@ -30,6 +30,8 @@ RESULTS_ENV = "HELPERS_RESULTS_DIR"
 PROFILES = ("smoke", "full")
 # Figures are committed with the results: a modest DPI keeps each PNG well under the 5 MB limit.
 FIGURE_DPI = 110
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def results_root(out_dir: str | os.PathLike | None = None) -> Path:
@@ -49,6 +51,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are shared files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,0 +1,41 @@
+# The README's commands. Everything runs inside .venv, created and filled here from the pinned requirements.
+#   make reports [PROFILE=smoke] [JOBS=2]   run every notebook, render HTML, rebuild results/index.html
+#   make test                                pytest over helpers + every notebook on the smoke profile
+#   make lab                                 JupyterLab with the venv's kernel
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PROFILE ?= full
+JOBS   ?= 1
+OUT    ?= results
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup reports test lab browser clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name fp8rl --display-name "Python (fp8rl .venv)"
+	touch $(STAMP)
+
+reports: setup
+	$(PY) -m helpers.run --profile $(PROFILE) --jobs $(JOBS) --out $(OUT)
+
+# Debian's chromium renders the gallery in the browser test; the test skips (and says why) where it cannot install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will be skipped"; }
+
+test: setup browser
+	$(PY) -m pytest
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

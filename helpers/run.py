@@ -1,0 +1,295 @@
+"""Batch runner: execute notebooks headlessly with papermill, render HTML reports, rebuild the gallery.
+
+    python -m helpers.run [--profile smoke|full] [--only NAME ...] [--jobs N] [--out DIR] [-p KEY VALUE ...]
+
+Each notebook runs in its own papermill process with an explicit kernel name (papermill #761: without one,
+venvs hit NoSuchKernel), a per-cell timeout, and its log in ``<out>/<notebook>/run.log``. Notebooks write their
+figures and ``metrics.json`` into ``<out>/<notebook>/`` through :class:`helpers.results.Results` (the runner sets
+``HELPERS_RESULTS_DIR=<out>``). The executed notebook is kept as ``executed.ipynb`` (also when it failed) and
+rendered to ``report.html``. Finally ``<out>/index.html`` and ``<out>/summary.csv`` are rebuilt from every
+``metrics.json`` under ``<out>``.
+
+Exit codes: 0 all notebooks ran, 1 at least one failed (each failure is named with its cell and error),
+2 bad arguments (nothing was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from helpers.results import PROFILES, atomic_write_text
+from helpers.runtime import REPO_ROOT
+
+__all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "main"]
+
+KERNEL_NAME = "fp8rl"
+KERNEL_DISPLAY = "Python (fp8rl .venv)"
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# Per-cell limits: a smoke cell that runs minutes is a bug; a full-profile training cell may legitimately run long.
+CELL_TIMEOUT_S = {"smoke": 600, "full": 3600}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit code 2, before anything runs."""
+
+
+@dataclass
+class NotebookRun:
+    """The outcome of one notebook's execution."""
+
+    name: str
+    status: str = "pending"  # "ok" | "failed"
+    wall_time_s: float = 0.0
+    cell: int | None = None  # the failing cell, counted from 1 in the source notebook
+    error: str | None = None
+    out_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.status == "ok":
+            return f"ok      {self.name} ({self.wall_time_s:.0f} s)"
+        where = f"cell {self.cell}" if self.cell is not None else "before any cell"
+        return f"FAILED  {self.name}: {where}: {self.error} (log: {self.out_dir}/run.log)"
+
+
+# -- selection and parameters ------------------------------------------------------------------------------------
+def discover(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+    """Every notebook under ``notebook_dir``, in name order (``00_...`` first)."""
+    return sorted(p for p in notebook_dir.glob("*.ipynb") if not p.name.startswith("."))
+
+
+def select(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """Notebooks named by ``only`` (full stem, or a unique prefix such as ``01``); all when ``only`` is empty."""
+    if not only:
+        return list(notebooks)
+    chosen: list[Path] = []
+    for name in only:
+        stem = name[:-6] if name.endswith(".ipynb") else name
+        stem = Path(stem).name
+        matches = [p for p in notebooks if p.stem == stem] or [p for p in notebooks if p.stem.startswith(stem)]
+        if len(matches) != 1:
+            known = ", ".join(p.stem for p in notebooks)
+            what = "unknown" if not matches else "ambiguous"
+            raise UsageError(f"{what} notebook {name!r} (known: {known})")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    return chosen
+
+
+def parse_value(text: str) -> Any:
+    """``-p`` values: Python literals (``3``, ``0.5``, ``True``, ``[1, 2]``, ``None``), anything else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The names declared in the notebook's cell tagged ``parameters`` (papermill's own inspection)."""
+    import papermill
+
+    return dict(papermill.inspect_notebook(str(path)))
+
+
+def parse_params(pairs: Sequence[Sequence[str]], notebooks: Sequence[Path]) -> dict[str, Any]:
+    """Check every ``-p KEY VALUE`` against each selected notebook's parameters cell."""
+    params: dict[str, Any] = {}
+    declared = {p.stem: notebook_parameters(p) for p in notebooks}
+    for name, names in declared.items():
+        if "profile" not in names:
+            raise UsageError(f"notebook {name} declares no 'profile' in a cell tagged 'parameters' "
+                             "(papermill skips lines holding two '=' signs, e.g. '<=' in a comment)")
+    for key, value in pairs:
+        if key == "profile":
+            raise UsageError("set the profile with --profile, not -p profile")
+        missing = [name for name, names in declared.items() if key not in names]
+        if missing:
+            raise UsageError(f"unknown parameter {key!r} for notebook(s) {', '.join(missing)}")
+        params[key] = parse_value(value)
+    return params
+
+
+# -- execution ---------------------------------------------------------------------------------------------------
+def ensure_kernel() -> None:
+    """Register this interpreter as the ``fp8rl`` Jupyter kernel if it is not registered yet."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL_NAME in KernelSpecManager().find_kernel_specs():
+        return
+    print(f"registering Jupyter kernel {KERNEL_NAME!r} for {sys.executable}", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL_NAME,
+         "--display-name", KERNEL_DISPLAY],
+        check=True, capture_output=True,
+    )
+
+
+# Cells papermill adds to the executed copy; they are not part of the notebook the user edits.
+_PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
+
+
+def first_error(executed: Path) -> tuple[int | None, str | None]:
+    """(cell number, "Name: message") of the first cell whose outputs hold an error.
+
+    The number counts cells from 1 in the source notebook, as JupyterLab shows them (cells papermill injected into
+    the executed copy are skipped).
+    """
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:  # noqa: BLE001 - an unreadable notebook is itself the error to report
+        return None, None
+    number = 0
+    for cell in nb.cells:
+        if _PAPERMILL_TAGS & set(cell.get("metadata", {}).get("tags", [])):
+            continue
+        number += 1
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return number, f"{out.get('ename')}: {str(out.get('evalue'))[:300]}"
+    return None, None
+
+
+def render_html(executed: Path, target: Path) -> None:
+    """Render an executed notebook to a standalone HTML report (images embedded)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(executed), as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    atomic_write_text(target, body)
+
+
+def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path, threads: int) -> NotebookRun:
+    """Execute one notebook with papermill in a child process; never raises for a notebook failure."""
+    name = path.stem
+    nb_out = out / name
+    nb_out.mkdir(parents=True, exist_ok=True)
+    run = NotebookRun(name=name, out_dir=nb_out)
+    executed = nb_out / "executed.ipynb"
+    # A failed run must not leave the previous run's numbers looking current.
+    for stale in ("metrics.json", "run.json"):
+        (nb_out / stale).unlink(missing_ok=True)
+
+    env = dict(os.environ)
+    env["HELPERS_RESULTS_DIR"] = str(out.resolve())
+    env["PYTHONUNBUFFERED"] = "1"
+    # Parallel notebooks share the cores: give each a fair share of intra-op threads unless the user chose.
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("MKL_NUM_THREADS", str(threads))
+    cmd = [
+        sys.executable, "-m", "papermill", str(path), str(executed),
+        "-k", KERNEL_NAME, "--cwd", str(path.parent),
+        "--execution-timeout", str(CELL_TIMEOUT_S[profile]),
+        "--log-output", "--no-progress-bar",
+        "-p", "profile", profile,
+    ]
+    for key, value in params.items():
+        cmd += ["-y", json.dumps({key: value})]
+    t0 = time.perf_counter()
+    with open(nb_out / "run.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    run.wall_time_s = time.perf_counter() - t0
+    if proc.returncode == 0:
+        run.status = "ok"
+    else:
+        run.status = "failed"
+        run.cell, run.error = first_error(executed)
+        if run.error is None:
+            tail = (nb_out / "run.log").read_text(errors="replace").strip().splitlines()[-1:]
+            run.error = f"papermill exited {proc.returncode}: {tail[0] if tail else 'no output'}"
+    if executed.exists():
+        try:
+            render_html(executed, nb_out / "report.html")
+        except Exception as exc:  # noqa: BLE001 - a broken render is reported, the run's outcome stands
+            run.extra["render_error"] = f"{type(exc).__name__}: {exc}"
+    record = {"notebook": name, "status": run.status, "profile": profile, "wall_time_s": round(run.wall_time_s, 1),
+              "cell": run.cell, "error": run.error, "parameters": params, **run.extra}
+    atomic_write_text(nb_out / "run.json", json.dumps(record, indent=2) + "\n")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.run", description="Run the notebooks with papermill and rebuild the HTML gallery."
+    )
+    parser.add_argument("--profile", default="full", help="smoke (quick pass) or full (default)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="notebook stems or unique prefixes (e.g. 01)")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel (default 1)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results"), help="output folder (default results/)")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="override a notebook parameter (repeatable)")
+    parser.add_argument("--notebook-dir", default=str(NOTEBOOK_DIR), help="where the notebooks are (default notebooks/)")
+    parser.add_argument("--list", action="store_true", help="list the notebooks and their parameters, then exit")
+    parser.add_argument("--no-index", action="store_true", help="do not rebuild index.html / summary.csv")
+
+    def one_line_error(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = one_line_error  # type: ignore[method-assign]
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.profile not in PROFILES:
+            raise UsageError(f"--profile must be one of {', '.join(PROFILES)}, got {args.profile!r}")
+        if args.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+        notebooks = discover(Path(args.notebook_dir))
+        if not notebooks:
+            raise UsageError(f"no notebooks found in {args.notebook_dir}")
+        chosen = select(notebooks, args.only)
+        params = parse_params(args.param, chosen)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.list:
+        for p in chosen:
+            print(f"{p.stem}: {', '.join(notebook_parameters(p))}")
+        return 0
+
+    from helpers.report import build_gallery
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_kernel()
+    jobs = min(args.jobs, len(chosen))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"running {len(chosen)} notebook(s), profile={args.profile}, jobs={jobs}, out={out}", flush=True)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_notebook, p, profile=args.profile, params=params, out=out, threads=threads)
+                   for p in chosen]
+        runs = []
+        for fut in futures:
+            run = fut.result()
+            runs.append(run)
+            print(run.describe(), flush=True)
+    if not args.no_index:
+        index = build_gallery(out)
+        print(f"gallery: {index}", flush=True)
+    failed = [r for r in runs if r.status != "ok"]
+    print(f"{len(runs) - len(failed)} notebook(s) ok, {len(failed)} failed in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    for r in failed:
+        print(r.describe(), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

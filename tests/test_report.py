@@ -1,0 +1,47 @@
+import json
+
+import pandas as pd
+
+from helpers import report
+
+
+def _fake(out, name, *, status="ok", results=None, figure=True):
+    d = out / name
+    d.mkdir(parents=True)
+    if status == "ok":
+        (d / "fig.png").write_bytes(b"\x89PNG fake")
+        metrics = {"notebook": name, "title": f"Title {name}", "profile": "full", "wall_time_s": 12.5,
+                   "git_commit": "abc123", "environment": {"device": "cpu", "gpu": None},
+                   "results": results or [{"quantity": "q", "measured": 1.0, "paper": "2", "note": "n"}],
+                   "headline_figure": "fig.png" if figure else None}
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "report.html").write_text("<html></html>")
+    (d / "run.json").write_text(json.dumps({"status": status, "cell": 4 if status != "ok" else None,
+                                            "error": "ValueError: bad <input>" if status != "ok" else None}))
+
+
+def test_gallery_has_a_card_per_notebook_with_figure_and_table(tmp_path):
+    _fake(tmp_path, "01_a")
+    _fake(tmp_path, "02_b", results=[{"quantity": "x", "measured": 0.25, "paper": "0.3", "note": ""},
+                                     {"quantity": "y", "measured": "n/a", "paper": "", "note": "cpu"}])
+    _fake(tmp_path, "03_c", status="failed")
+    (tmp_path / "not_a_notebook").mkdir()
+    index = report.build_gallery(tmp_path).read_text()
+    for name in ("01_a", "02_b", "03_c"):
+        assert f'data-notebook="{name}"' in index
+    assert "not_a_notebook" not in index
+    assert index.count('<table class="results">') == 2
+    assert 'src="01_a/fig.png"' in index and 'href="02_b/report.html"' in index
+    assert "cell 4: ValueError: bad &lt;input&gt;" in index  # escaped, failing cell named
+
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary.columns) == report.SUMMARY_COLUMNS
+    assert summary.groupby("notebook").size().to_dict() == {"01_a": 1, "02_b": 2, "03_c": 1}
+    assert summary.set_index("notebook").loc["03_c", "status"] == "failed"
+
+
+def test_ok_run_without_metrics_counts_as_failed(tmp_path):
+    d = tmp_path / "04_d"
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"status": "ok"}))
+    assert report.collect(tmp_path)[0]["status"] == "failed"

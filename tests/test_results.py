@@ -1,0 +1,81 @@
+import json
+import math
+import os
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from helpers import results
+
+
+def test_results_writes_metrics_with_provenance(tmp_path):
+    res = results.Results("99_demo", title="Demo", profile="smoke", params={"n": 3}, out_dir=tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    res.save_figure(fig, "first")
+    res.save_figure(fig, "best", headline=True)
+    plt.close(fig)
+    res.save_table(pd.DataFrame({"a": [1, 2]}), "table")
+    res.log(**{"loss/final": 0.5, "bad/nan": float("nan")})
+    res.log_dict({"x": 1}, prefix="ns/")
+    res.add_result("error", 0.01, "0.02", "lower is better")
+    path = res.finalize()
+
+    data = json.loads(path.read_text())
+    assert data["notebook"] == "99_demo" and data["profile"] == "smoke"
+    assert data["parameters"] == {"n": 3}
+    assert data["headline_figure"] == "best.png"
+    assert data["figures"] == ["first.png", "best.png"]
+    assert data["metrics"]["loss/final"] == 0.5
+    assert data["metrics"]["bad/nan"] is None  # JSON has no NaN
+    assert data["metrics"]["ns/x"] == 1
+    assert data["results"][0]["quantity"] == "error"
+    assert data["wall_time_s"] >= 0
+    for key in ("environment", "git_commit", "started_at", "finished_at"):
+        assert key in data
+    assert data["environment"]["versions"]["torch"]
+    assert (tmp_path / "99_demo" / "results.csv").exists()
+    assert pd.read_csv(tmp_path / "99_demo" / "table.csv")["a"].tolist() == [1, 2]
+    assert not [p for p in (tmp_path / "99_demo").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_first_figure_is_default_headline(tmp_path):
+    res = results.Results("99_demo", title="t", profile="full", out_dir=tmp_path)
+    fig = plt.figure()
+    res.save_figure(fig, "only")
+    plt.close(fig)
+    assert res.headline_figure == "only.png"
+
+
+def test_results_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.RESULTS_ENV, str(tmp_path))
+    res = results.Results("99_env", title="t", profile="smoke")
+    assert res.dir == tmp_path / "99_env"
+
+
+def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    results.atomic_write_text(target, "old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        results.atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("profile", ["fast", "", None])
+def test_bad_profile(tmp_path, profile):
+    with pytest.raises(ValueError, match="profile"):
+        results.Results("99_demo", title="t", profile=profile, out_dir=tmp_path)
+
+
+def test_jsonable_handles_tensors_and_infinities():
+    import torch
+
+    out = results._jsonable({"t": torch.tensor(2.5), "inf": math.inf, "tuple": (1, 2)})
+    assert out == {"t": 2.5, "inf": None, "tuple": [1, 2]}

@@ -1,0 +1,108 @@
+"""The batch runner: argument errors before anything runs, failures named with their cell, the rest still run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers import run
+
+REPO = Path(__file__).resolve().parent.parent
+KERNELSPEC = {"name": "fp8rl", "display_name": "Python (fp8rl .venv)", "language": "python"}
+
+
+def _write_notebook(path: Path, body: list[str], params: str = 'profile = "full"  # smoke or full\nscale = 2  # a knob'):
+    cells = [nbformat.v4.new_markdown_cell("# test notebook")]
+    pc = nbformat.v4.new_code_cell(params)
+    pc.metadata["tags"] = ["parameters"]
+    cells.append(pc)
+    cells += [nbformat.v4.new_code_cell(src) for src in body]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    nbformat.write(nb, str(path))
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "helpers.run", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture()
+def nb_dir(tmp_path):
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    good = [
+        "from helpers import results",
+        "res = results.Results('10_good', title='good', profile=profile, params={'scale': scale})\n"
+        "res.add_result('scale', scale * 2, 'paper', '')\nres.finalize()",
+    ]
+    _write_notebook(d / "10_good.ipynb", good)
+    _write_notebook(d / "20_bad.ipynb", ["x = 1", "raise RuntimeError('boom in cell')", "y = 2"])
+    return d
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--profile", "fast"], "--profile must be one of"),
+        (["--only", "99_nothing"], "unknown notebook '99_nothing'"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["-p", "no_such_knob", "1"], "unknown parameter 'no_such_knob'"),
+        (["-p", "profile", "smoke"], "set the profile with --profile"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(nb_dir, tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = _cli("--notebook-dir", str(nb_dir), "--out", str(out), *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert not out.exists()  # nothing ran
+
+
+def test_notebook_without_profile_parameter_is_rejected(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _write_notebook(d / "30_x.ipynb", ["pass"], params='profile = "full"  # at <= 90 s\nseed = 0')
+    proc = _cli("--notebook-dir", str(d), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "declares no 'profile'" in proc.stderr
+
+
+def test_failure_is_named_and_other_notebooks_still_run(nb_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("--notebook-dir", str(nb_dir), "--out", str(out), "--profile", "smoke", "--jobs", "2",
+                "-p", "scale", "21")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    # the failure names notebook, cell and error
+    assert "FAILED  20_bad: cell 4: RuntimeError: boom in cell" in proc.stderr
+    # the good notebook ran with the override and the profile
+    metrics = json.loads((out / "10_good" / "metrics.json").read_text())
+    assert metrics["profile"] == "smoke" and metrics["parameters"] == {"scale": 21}
+    assert metrics["results"][0]["measured"] == 42
+    # the failed executed notebook is kept and rendered; its status is recorded
+    assert (out / "20_bad" / "executed.ipynb").exists() and (out / "20_bad" / "report.html").exists()
+    status = json.loads((out / "20_bad" / "run.json").read_text())
+    assert status["status"] == "failed" and status["cell"] == 4
+    assert not (out / "20_bad" / "metrics.json").exists()
+    # the gallery shows both, the failure as a failure
+    index = (out / "index.html").read_text()
+    assert 'data-notebook="10_good"' in index and 'data-notebook="20_bad"' in index
+    assert "boom in cell" in index
+    assert (out / "10_good" / "report.html").exists()
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("True", True), ("[1, 2]", [1, 2]),
+                                         ("None", None), ("CartPole-v1", "CartPole-v1")])
+def test_parse_value(text, value):
+    assert run.parse_value(text) == value
+
+
+def test_select_by_prefix_and_ambiguity(nb_dir):
+    nbs = run.discover(nb_dir)
+    assert [p.stem for p in run.select(nbs, ["10"])] == ["10_good"]
+    assert [p.stem for p in run.select(nbs, ["20_bad.ipynb", "10_good"])] == ["20_bad", "10_good"]
+    with pytest.raises(run.UsageError, match="unknown"):
+        run.select(nbs, ["30"])
