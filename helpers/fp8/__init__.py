@@ -1,0 +1,30 @@
+"""Blockwise FP8 (float8_e4m3fn) W8A8 quantization: quantizers, the block-scaled GEMM, and model-level tools.
+
+* :mod:`helpers.fp8.reference` - the torch path (the exact semantics; the CPU re-quantizer);
+* :mod:`helpers.fp8.native` - the compiled CPU kernel the torch path uses for large bf16 / fp32 weights;
+* :mod:`helpers.fp8.kernels` - the Triton kernels (compiled on a GPU, interpreted on the CPU);
+* :mod:`helpers.fp8.interpreter` - the fix for the Triton interpreter's fp32 -> float8e4nv (and -> bf16) casts;
+* :mod:`helpers.fp8.quant` - the public functions below (argument checks and backend dispatch).
+"""
+
+from helpers import runtime  # noqa: F401  (sets TRITON_INTERPRET before triton can be imported)
+from helpers.fp8.quant import block_fp8_matmul, dequant_weight, quant_act, quant_weight
+from helpers.fp8.reference import FP8_E4M3_MAX, SCALE_EPS, SCALE_FMTS, compute_scale, ue8m0_round_up
+
+__all__ = [
+    "FP8_E4M3_MAX",
+    "SCALE_EPS",
+    "SCALE_FMTS",
+    "compute_scale",
+    "ue8m0_round_up",
+    "quant_act",
+    "quant_weight",
+    "dequant_weight",
+    "block_fp8_matmul",
+]
+
+# Model-level API (Fp8Linear, quantize_model, requantize_model_, checkpoints) is appended below.
+from helpers.fp8.linear import Fp8Linear, quantize_model, requantize_model_  # noqa: E402
+from helpers.fp8.checkpoint import load_fp8_checkpoint, save_fp8_checkpoint  # noqa: E402
+
+__all__ += ["Fp8Linear", "quantize_model", "requantize_model_", "save_fp8_checkpoint", "load_fp8_checkpoint"]

@@ -1,0 +1,95 @@
+"""save_fp8_checkpoint / load_fp8_checkpoint: the DeepSeek-V3 / Qwen3-FP8 layout, bit-exact round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import helpers  # noqa: F401
+from helpers.fp8 import Fp8Linear, load_fp8_checkpoint, quantize_model, save_fp8_checkpoint
+
+FP8 = torch.float8_e4m3fn
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+class _Net(nn.Module):
+    """Ragged shapes on purpose: 200 -> 72 -> 300, a norm, an embedding and a head that stay high precision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 200)
+        self.up = nn.Linear(200, 72)
+        self.down = nn.Linear(72, 300, bias=False)
+        self.norm = nn.LayerNorm(300)
+        self.lm_head = nn.Linear(300, 40)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.down(torch.relu(self.up(self.embed(ids))))))
+
+
+def _net(seed: int = 0) -> _Net:
+    torch.manual_seed(seed)
+    return _Net()
+
+
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_round_trip_bit_exact_with_engine_layout(tmp_path, scale_fmt):
+    from safetensors import safe_open
+
+    model = quantize_model(_net(), scale_fmt=scale_fmt, backend="torch")
+    out = save_fp8_checkpoint(model, tmp_path / "ckpt", config={"model_type": "toy", "hidden_size": 200})
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    config = json.loads((out / "config.json").read_text())
+    expected = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    if scale_fmt == "ue8m0":
+        expected["scale_fmt"] = "ue8m0"
+    assert config == {"model_type": "toy", "hidden_size": 200, "quantization_config": expected}
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("up.weight").dtype == FP8 and tuple(f.get_tensor("up.weight").shape) == (72, 200)
+        assert tuple(f.get_tensor("up.weight_scale_inv").shape) == (1, 2)
+        assert f.get_tensor("up.weight_scale_inv").dtype == torch.float32
+        assert tuple(f.get_tensor("down.weight_scale_inv").shape) == (3, 1)  # ceil(300/128), ceil(72/128)
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32  # kept high precision
+    assert keys == {"embed.weight", "up.weight", "up.weight_scale_inv", "up.bias", "down.weight",
+                    "down.weight_scale_inv", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"}
+
+    # Into a fresh high-precision model of the same architecture: the FP8 layers are rebuilt from the file.
+    loaded = load_fp8_checkpoint(out, _net(seed=1))
+    assert isinstance(loaded.up, Fp8Linear) and loaded.up.scale_fmt == scale_fmt
+    assert isinstance(loaded.lm_head, nn.Linear) and not isinstance(loaded.lm_head, Fp8Linear)
+    ref_state = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == ref_state[key].dtype and value.shape == ref_state[key].shape, key
+        assert torch.equal(bits(value), bits(ref_state[key])), key
+    ids = torch.randint(0, 40, (2, 5))
+    assert torch.equal(loaded(ids), model(ids))
+
+    # Into an FP8 model, and as raw tensors + config.
+    again = load_fp8_checkpoint(out, quantize_model(_net(seed=2), scale_fmt=scale_fmt, backend="torch"))
+    assert torch.equal(bits(again.down.weight), bits(model.down.weight))
+    tensors, cfg = load_fp8_checkpoint(out)
+    assert set(tensors) == keys and cfg["quantization_config"] == expected
+
+
+def test_save_and_load_reject_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="no Fp8Linear"):
+        save_fp8_checkpoint(_net(), tmp_path / "a")
+    model = quantize_model(_net(), backend="torch")
+    model.down = Fp8Linear.from_linear(nn.Linear(72, 300), block_size=(64, 64), backend="torch")
+    with pytest.raises(ValueError, match="weight_block_size"):
+        save_fp8_checkpoint(model, tmp_path / "b")
+    out = save_fp8_checkpoint(quantize_model(_net(), backend="torch"), tmp_path / "c")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "awq"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quant_method"):
+        load_fp8_checkpoint(out)
