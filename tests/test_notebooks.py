@@ -1,5 +1,6 @@
 """Notebook conventions (static) and every notebook executed on the smoke profile through the batch runner."""
 
+import ast
 import json
 import warnings
 from pathlib import Path
@@ -34,8 +35,8 @@ def test_parameters_cell_and_structure(path):
     params = run.notebook_parameters(path)
     assert "profile" in params and params["profile"]["default"].strip("'\"") == "full"
     # every assignment in the parameters cell must be visible to papermill (a second '=' on a line hides it)
-    assigned = [ln.split("=")[0].strip() for ln in tagged[0].source.splitlines()
-                if "=" in ln and not ln.lstrip().startswith("#")]
+    assigned = [t.id for node in ast.parse(tagged[0].source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)]
     assert set(assigned) <= set(params), f"{path.name}: papermill cannot parse {set(assigned) - set(params)}"
     first = nb.cells[0]
     assert first.cell_type == "markdown" and first.source.lstrip().startswith("# "), "opens with a title"
