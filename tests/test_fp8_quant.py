@@ -603,3 +603,15 @@ def test_block_max_never_overflows_triton(scale_fmt):
     q_r, s_r = quant_act(x, 32, scale_fmt=scale_fmt, backend="torch")
     assert np.array_equal(_bytes(q_t), _bytes(q_r)) and torch.equal(s_t, s_r)
     assert (_bytes(q_t) & 0x7F).max() <= 0x7E
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inputs_that_require_grad_are_quantized_detached(backend):
+    # a trainer's parameters and activations require grad; quantization must neither fail nor track them
+    w = torch.randn(40, 70, requires_grad=True)
+    q, s = quant_weight(w, (16, 32), backend=backend)
+    qa, sa = quant_act(w, 32, backend=backend)
+    q_ref, s_ref = quant_weight(w.detach(), (16, 32), backend="torch")
+    assert not q.requires_grad and not sa.requires_grad
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert torch.equal(qa.view(torch.uint8), quant_act(w.detach(), 32, backend="torch")[0].view(torch.uint8))

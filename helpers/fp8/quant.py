@@ -122,7 +122,8 @@ def quant_act(
         (x_fp8, x_scale): float8_e4m3fn with x's shape, and fp32 scales of shape x.shape[:-1] + (ceil(K / group_size),),
         with x ~ x_fp8 * x_scale (broadcast over each group).
 
-    Non-finite input is not checked (no host sync in the forward path). A group holding inf gets scale inf, NaN codes
+    The result is detached from autograd (``x`` may require grad). Non-finite input is not checked (no host sync
+    in the forward path). A group holding inf gets scale inf, NaN codes
     where x is +-inf and zero codes elsewhere (x / inf); a group holding NaN gets scale NaN and all-NaN codes.
     """
     _check_tensor("x", x, _FLOAT_DTYPES, min_ndim=1)
@@ -130,7 +131,7 @@ def quant_act(
     _check_scale_fmt(scale_fmt)
     name = _backend(backend, x.device)
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.detach().reshape(-1, K)  # rounding to FP8 has no useful gradient: the codes never carry one
     if name == "triton":
         from helpers.fp8 import kernels
 
@@ -174,6 +175,7 @@ def quant_weight(
     N, K = w.shape
     _check_out(out, scale_out, (N, K), (-(-N // bn), -(-K // bk)), w.device)
     name = _backend(backend, w.device)
+    w = w.detach()  # a trainer's parameter may require grad; the codes never carry one
     if name == "triton":
         from helpers.fp8 import kernels
 
