@@ -120,6 +120,8 @@ def environment_info() -> dict[str, Any]:
         "backend": resolve_backend("auto"),
         "triton_mode": "interpreter" if triton_interpreted() else "compiled",
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {
