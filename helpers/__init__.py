@@ -2,7 +2,7 @@
 
 Import ``helpers`` before torch and triton:
 
-* ``helpers.runtime`` sets ``TRITON_INTERPRET=1`` on machines without a GPU, which must happen before :mod:`triton`
+* ``helpers.core.runtime`` sets ``TRITON_INTERPRET=1`` on machines without a GPU, which must happen before :mod:`triton`
   is imported anywhere;
 * ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` here (read by torch's OpenMP runtime when torch loads). With the
   default (active) policy, torch's idle OpenMP workers spin on the cores after every parallel op and starve the
@@ -14,6 +14,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from helpers import runtime  # noqa: E402,F401  (must stay the first helpers import)
+from helpers.core import runtime  # noqa: E402,F401  (must stay the first helpers import)
 
 __version__ = "0.1.0"

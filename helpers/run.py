@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from helpers.results import PROFILES, atomic_write_text
-from helpers.runtime import REPO_ROOT
+from helpers.core.results import PROFILES, atomic_write_text
+from helpers.core.runtime import REPO_ROOT
 
 __all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "main"]
 
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{p.stem}: {', '.join(notebook_parameters(p))}")
         return 0
 
-    from helpers.report import build_gallery
+    from helpers.core.report import build_gallery
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """A first Triton kernel (``out = alpha * x + y``) with its torch reference: the environment check of notebook 00.
 
-On a GPU it compiles; on a CPU-only machine it runs under the Triton interpreter (see :mod:`helpers.runtime`).
+On a GPU it compiles; on a CPU-only machine it runs under the Triton interpreter (see :mod:`helpers.core.runtime`).
 Under the interpreter each element is one fp32 multiply then one add, exactly as torch does, so the two agree bit
 for bit. Compiled for a GPU, the compiler may contract the multiply-add into one FMA (one rounding instead of two):
 there the comparison allows one unit in the last place.
@@ -8,11 +8,10 @@ there the comparison allows one unit in the last place.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-import helpers.runtime  # noqa: F401  (sets TRITON_INTERPRET before triton is imported on CPU-only machines)
+import helpers.core.runtime  # noqa: F401  (sets TRITON_INTERPRET before triton is imported on CPU-only machines)
+from helpers.core.timing import median_time
 import triton
 import triton.language as tl
 
@@ -59,23 +58,10 @@ def axpy_triton(x: torch.Tensor, y: torch.Tensor, alpha: float, *, block: int = 
 def time_axpy(n: int, *, repeats: int = 3, seed: int = 0) -> dict[str, float]:
     """Median wall time (s) of the Triton kernel and of the torch reference on ``n`` elements, and their ratio."""
     g = torch.Generator().manual_seed(seed)
-    dev = helpers.runtime.device()
+    dev = helpers.core.runtime.device()
     x = torch.randn(n, generator=g).to(dev)
     y = torch.randn(n, generator=g).to(dev)
 
-    def median_time(fn) -> float:
-        fn()  # warm-up (compilation on a GPU)
-        times = []
-        for _ in range(repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    t_triton = median_time(lambda: axpy_triton(x, y, 0.5))
-    t_torch = median_time(lambda: axpy_torch(x, y, 0.5))
+    t_triton = median_time(lambda: axpy_triton(x, y, 0.5), repeats=repeats)
+    t_torch = median_time(lambda: axpy_torch(x, y, 0.5), repeats=repeats)
     return {"n": n, "triton_s": t_triton, "torch_s": t_torch, "ratio": t_triton / t_torch}

@@ -1,7 +1,7 @@
 """The Triton interpreter's fp32 -> float8e4nv cast: the raw bug, and the fix in helpers.fp8.interpreter."""
 
 import helpers  # noqa: F401  (sets TRITON_INTERPRET=1 on CPU before triton is imported)
-from helpers import runtime
+from helpers.core import runtime
 
 import pytest
 import torch

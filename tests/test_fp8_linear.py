@@ -11,7 +11,7 @@ from torch import nn
 
 import helpers  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 from helpers.fp8 import Fp8Linear, dequant_weight, quant_act, quant_weight, quantize_model, requantize_model_
-from helpers.fp8.bench import peak_rss_delta
+from helpers.core.timing import peak_rss_delta
 from helpers.fp8.linear import DEFAULT_SKIP, fp8_linears
 
 FP8 = torch.float8_e4m3fn

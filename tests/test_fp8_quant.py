@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import runtime
+from helpers.core import runtime
 from helpers.fp8 import (
-    FP8_E4M3_MAX,
     SCALE_EPS,
     block_fp8_matmul,
     compute_scale,

@@ -3,7 +3,6 @@
 import ast
 import json
 import warnings
-from pathlib import Path
 
 import nbformat
 import pytest

@@ -34,7 +34,7 @@ def nb_dir(tmp_path):
     d = tmp_path / "notebooks"
     d.mkdir()
     good = [
-        "from helpers import results",
+        "from helpers.core import results",
         "res = results.Results('10_good', title='good', profile=profile, params={'scale': scale})\n"
         "res.add_result('scale', scale * 2, 'paper', '')\nres.finalize()",
     ]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from helpers import runtime, triton_demo
+from helpers import triton_demo
+from helpers.core import runtime
 
 
 @pytest.mark.parametrize("n", [1, 7, 1023, 1024, 1025, 4099])

@@ -25,18 +25,15 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 
+from helpers.fp8.format import FP8_DTYPE, FP8_E4M3_MAX, fake_quant
 from helpers.fp8.quant import dequant_weight, quant_act, quant_weight
 
 __all__ = [
-    "FP8_MAX", "WEIGHT_SCHEMES", "ACT_SCHEMES", "e4m3_values", "error_metrics", "fake_quant_weight",
+    "WEIGHT_SCHEMES", "ACT_SCHEMES", "e4m3_values", "error_metrics", "fake_quant_weight",
     "fake_quant_act", "weight_error_table", "act_error_table", "synthetic_outlier_weight", "median_by_scheme",
     "e4m3_relative_error", "outlier_sweep", "adversarial_tensor", "backend_agreement", "gemm_error",
 ]
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# Same floor as the blockwise quantizer (vLLM's per_token_group_quant_fp8): an all-zero group gets a finite scale.
-EPS = 1e-10
 WEIGHT_SCHEMES = ("per_tensor", "per_channel", "block_fp32", "block_ue8m0")
 ACT_SCHEMES = ("per_tensor", "per_token", "group_fp32", "group_ue8m0")
 
@@ -47,22 +44,15 @@ def e4m3_values() -> torch.Tensor:
     return torch.unique(codes[torch.isfinite(codes)])
 
 
-def _fake_quant_amax(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """Quantize fp32 ``x`` with dequant scale ``max(amax, EPS) / 448`` (broadcast) and return the dequantized fp32."""
-    s = amax.clamp_min(EPS) / FP8_MAX
-    q = (x / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # torch's cast rounds to nearest even
-    return q.float() * s
-
-
 def fake_quant_weight(w: torch.Tensor, scheme: str, block_size: Sequence[int] = (128, 128)) -> torch.Tensor:
     """Quantize then dequantize a weight [N, K] under ``scheme`` (see :data:`WEIGHT_SCHEMES`); fp32 [N, K]."""
     if w.ndim != 2:
         raise ValueError(f"w must be [N, K], got shape {tuple(w.shape)}")
     w = w.float()
     if scheme == "per_tensor":
-        return _fake_quant_amax(w, w.abs().amax())
+        return fake_quant(w, w.abs().amax())
     if scheme == "per_channel":
-        return _fake_quant_amax(w, w.abs().amax(dim=1, keepdim=True))
+        return fake_quant(w, w.abs().amax(dim=1, keepdim=True))
     if scheme in ("block_fp32", "block_ue8m0"):
         q, s = quant_weight(w, tuple(block_size), scale_fmt=scheme.split("_")[1], backend="torch")
         return dequant_weight(q, s, tuple(block_size))
@@ -75,9 +65,9 @@ def fake_quant_act(x: torch.Tensor, scheme: str, group_size: int = 128) -> torch
         raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
     x = x.float()
     if scheme == "per_tensor":
-        return _fake_quant_amax(x, x.abs().amax())
+        return fake_quant(x, x.abs().amax())
     if scheme == "per_token":
-        return _fake_quant_amax(x, x.abs().amax(dim=1, keepdim=True))
+        return fake_quant(x, x.abs().amax(dim=1, keepdim=True))
     if scheme in ("group_fp32", "group_ue8m0"):
         q, s = quant_act(x, group_size, scale_fmt=scheme.split("_")[1], backend="torch")  # s: [M, ceil(K/g)]
         return q.float() * s.repeat_interleave(group_size, dim=1)[:, : x.shape[1]]
@@ -165,7 +155,7 @@ def e4m3_relative_error(ratios: torch.Tensor) -> torch.Tensor:
     with their group's scale ``amax / 448``: flat (<= 2^-4) while ``x`` stays in e4m3's normal range, i.e.
     ``ratio >= 2^-6 / 448``, growing in the subnormals and 1 (flushed to zero) below ``2^-10 / 448``."""
     x = ratios.float()
-    deq = _fake_quant_amax(x, torch.tensor(1.0))
+    deq = fake_quant(x, torch.tensor(1.0))
     return ((deq.double() - x.double()).abs() / x.double()).float()
 
 
@@ -213,7 +203,7 @@ def adversarial_tensor(kind: str, shape: tuple[int, int], seed: int = 0) -> torc
         amax = 5.0
         e = torch.randint(0, 9, (n, k), generator=g).float()
         sign = torch.randint(0, 2, (n, k), generator=g).float() * 2 - 1
-        x = sign * (2.0**e) * (1 - 2.0**-6) * (amax / FP8_MAX)
+        x = sign * (2.0**e) * (1 - 2.0**-6) * (amax / FP8_E4M3_MAX)
         x[:, ::97] = amax  # every row and every 128-group holds its amax at 448 after scaling (97 < 128)
         return x
     if kind == "wide_range":

@@ -11,18 +11,18 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
+from helpers.core.timing import median_time, peak_rss_delta, time_quantiles
+from helpers.fp8 import reference
 from helpers.fp8.linear import Fp8Linear, requantize_model_
 from helpers.fp8.quant import block_fp8_matmul, quant_act, quant_weight
 
-__all__ = ["QWEN3_8B_GEMMS", "FP8_PEAK_TFLOPS", "fp8_peak_tflops", "requant_benchmark", "peak_rss_delta",
+__all__ = ["QWEN3_8B_GEMMS", "FP8_PEAK_TFLOPS", "fp8_peak_tflops", "requant_benchmark",
            "gemm_benchmark", "wall_clock_bench"]
 
 GB = 1e9
@@ -59,44 +59,6 @@ def fp8_peak_tflops(name: str | None = None) -> float | None:
 
 
 # -- weight sync -------------------------------------------------------------------------------------------------
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_delta(fn: Callable[[], object]) -> tuple[object, int | None]:
-    """Run ``fn`` and return ``(result, bytes)``: how far the process's peak RSS rose above its RSS before the call
-    (Linux: resets the high-water mark through ``/proc/self/clear_refs``). None where that is not available."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        return fn(), None
-    before = _read_status_kb("VmRSS")
-    result = fn()
-    peak = _read_status_kb("VmHWM")
-    if before is None or peak is None:
-        return result, None
-    return result, max(0, peak - before) * 1024
-
-
 def requant_benchmark(sizes_gb: Sequence[float], *, layer_shape: tuple[int, int] = (4096, 4096),
                       dtype: torch.dtype = torch.bfloat16, scale_fmt: str = "fp32", backend: str = "torch",
                       repeats: int = 3, warmup: int = 1, measure_rss: bool = True, seed: int = 0,
@@ -114,7 +76,8 @@ def requant_benchmark(sizes_gb: Sequence[float], *, layer_shape: tuple[int, int]
     Returns one row per size: ``size_gb`` (actual high-precision bytes / 1e9), ``layers``, ``requant_s``,
     ``copy_s``, ``requant_gbps`` / ``copy_gbps`` (source GB per second), ``ratio`` (= requant_s / copy_s),
     ``peak_extra_mb`` (peak RSS above the pre-sync RSS during one sync, None if unavailable),
-    ``layer_mb`` (one layer's high-precision bytes, the bound the streaming design aims for), ``threads``.
+    ``layer_mb`` (one layer's high-precision bytes, the bound the streaming design aims for), ``threads``,
+    ``quantizer`` (the implementation that ran: ``"native"`` C kernel, ``"torch"`` fallback, or ``"triton"``).
     """
     n, k = layer_shape
     layer_bytes = n * k * torch.empty(0, dtype=dtype).element_size()
@@ -138,15 +101,16 @@ def requant_benchmark(sizes_gb: Sequence[float], *, layer_shape: tuple[int, int]
             for d, s in zip(dst, src):
                 d.copy_(s)
 
-        requant_s = _median_time(sync, repeats, warmup)
-        copy_s = _median_time(copy, repeats, warmup)
+        requant_s = median_time(sync, repeats=repeats, warmup=warmup)
+        copy_s = median_time(copy, repeats=repeats, warmup=warmup)
         peak = peak_rss_delta(sync)[1] if measure_rss else None
         total = n_layers * layer_bytes
         rows.append({"size_gb": total / GB, "layers": n_layers, "requant_s": requant_s, "copy_s": copy_s,
                      "requant_gbps": total / GB / requant_s, "copy_gbps": total / GB / copy_s,
                      "ratio": requant_s / copy_s,
                      "peak_extra_mb": None if peak is None else peak / 1e6, "layer_mb": layer_bytes / 1e6,
-                     "threads": torch.get_num_threads()})
+                     "threads": torch.get_num_threads(),
+                     "quantizer": reference.quantizer_impl(src[0], (128, 128)) if backend == "torch" else backend})
         del state, model, dst, src
     return pd.DataFrame(rows)
 
@@ -155,14 +119,7 @@ def requant_benchmark(sizes_gb: Sequence[float], *, layer_shape: tuple[int, int]
 def wall_clock_bench(fn: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int = 3
                      ) -> list[float]:
     """A host-timer stand-in for ``triton.testing.do_bench`` (milliseconds at ``quantiles``), for CPU smoke runs."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    ts = torch.tensor(times)
-    return [float(torch.quantile(ts, q)) for q in quantiles]
+    return [t * 1e3 for t in time_quantiles(fn, repeats=reps, warmup=1, quantiles=quantiles)]
 
 
 def _scaled_mm_blockwise(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from helpers import runtime
+from helpers.core import runtime
 
 __all__ = ["install", "uninstall", "is_installed"]
 

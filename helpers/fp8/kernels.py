@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers import runtime
+from helpers.core import runtime
 from helpers.fp8 import interpreter
-from helpers.fp8.reference import FP8_DTYPE, FP8_E4M3_MAX, SCALE_EPS, SCALE_FMTS
+from helpers.fp8.format import FP8_DTYPE, FP8_E4M3_MAX, SCALE_EPS, check_scale_fmt
 
 __all__ = ["quant_act_triton", "quant_weight_triton", "block_fp8_matmul_triton", "supports_fp8_dot"]
 
@@ -197,17 +197,12 @@ def _check_launchable(*tensors: torch.Tensor) -> None:
             raise ValueError(f"Triton kernels need CUDA tensors or TRITON_INTERPRET=1; got a tensor on {t.device}")
 
 
-def _check_scale_fmt(scale_fmt: str) -> None:
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-
-
 def quant_act_triton(
     x: torch.Tensor, group_size: int, *, scale_fmt: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quantization. x: [M, K] bf16/fp16/fp32 -> (float8_e4m3fn [M, K], fp32 [M, ceil(K/g)])."""
     assert x.ndim == 2 and x.dtype in _IN_DTYPES, (x.shape, x.dtype)
-    _check_scale_fmt(scale_fmt)
+    check_scale_fmt(scale_fmt)
     _check_launchable(x)
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
@@ -239,7 +234,7 @@ def quant_weight_triton(
     :func:`helpers.fp8.quant_weight` checks the scales): a non-finite block gets a NaN / inf scale.
     """
     assert w.ndim == 2 and w.dtype in _IN_DTYPES, (w.shape, w.dtype)
-    _check_scale_fmt(scale_fmt)
+    check_scale_fmt(scale_fmt)
     _check_launchable(w)
     N, K = w.shape
     bn, bk = block_size

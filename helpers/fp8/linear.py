@@ -23,26 +23,18 @@ the new weights without re-wrapping.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import lru_cache
 
 import torch
 from torch import nn
 
+from helpers.fp8.format import DEFAULT_BLOCK, FP8_DTYPE, check_block_size, check_scale_fmt
 from helpers.fp8.quant import block_fp8_matmul, quant_act, quant_weight
 
 __all__ = ["DEFAULT_SKIP", "Fp8Linear", "quantize_model", "requantize_model_", "fp8_linears"]
 
-FP8_DTYPE = torch.float8_e4m3fn
-SCALE_FMTS = ("fp32", "ue8m0")
-# The block size of every public FP8 checkpoint (DeepSeek-V3, Qwen3-FP8) and of DeepGEMM's kernels.
-DEFAULT_BLOCK = (128, 128)
-# Smallest block edge the kernels accept (tl.dot needs tiles of at least 16).
-MIN_BLOCK = 16
 
 # Module-name patterns (``re.search`` on the qualified name) kept in high precision by :func:`quantize_model`,
 # as in veRL's FP8 rollout: embeddings, the output head, norms and MoE routers. Only ``nn.Linear`` modules are
@@ -56,26 +48,6 @@ DEFAULT_SKIP: tuple[str, ...] = (
     r"router",
     r"(^|\.)gate$",
 )
-
-
-def _check_block_size(block_size: Sequence[int]) -> tuple[int, int]:
-    bs = tuple(int(b) for b in block_size)
-    if len(bs) != 2 or any(b < MIN_BLOCK or b & (b - 1) for b in bs):
-        raise ValueError(f"block_size must be two powers of two >= {MIN_BLOCK}, got {tuple(block_size)!r}")
-    return bs  # type: ignore[return-value]
-
-
-def _check_scale_fmt(scale_fmt: str) -> str:
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-    return scale_fmt
-
-
-@lru_cache(maxsize=1)
-def _quant_weight_writes_in_place() -> bool:
-    """Whether :func:`quant_weight` accepts ``out=`` / ``scale_out=`` (its fast torch path writes in place)."""
-    params = inspect.signature(quant_weight).parameters
-    return "out" in params and "scale_out" in params
 
 
 class Fp8Linear(nn.Module):
@@ -105,8 +77,8 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.weight_block_size = _check_block_size(block_size)
-        self.scale_fmt = _check_scale_fmt(scale_fmt)
+        self.weight_block_size = check_block_size(block_size)
+        self.scale_fmt = check_scale_fmt(scale_fmt)
         self.backend = backend
         bn, bk = self.weight_block_size
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))
@@ -150,13 +122,8 @@ class Fp8Linear(nn.Module):
                              f"got {tuple(w.shape)}")
         w = w.to(self.weight.device)  # no-op when already there; one layer's copy otherwise
         try:
-            if _quant_weight_writes_in_place():
-                quant_weight(w, self.weight_block_size, scale_fmt=self.scale_fmt, backend=self.backend,
-                             out=self.weight, scale_out=self.weight_scale_inv)
-            else:
-                q, s = quant_weight(w, self.weight_block_size, scale_fmt=self.scale_fmt, backend=self.backend)
-                self.weight.copy_(q)
-                self.weight_scale_inv.copy_(s)
+            quant_weight(w, self.weight_block_size, scale_fmt=self.scale_fmt, backend=self.backend,
+                         out=self.weight, scale_out=self.weight_scale_inv)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
 
@@ -201,8 +168,8 @@ def quantize_model(model: nn.Module, *, skip: Sequence[str] | Callable[[str, nn.
     """
     if isinstance(model, nn.Linear):
         raise ValueError("model is itself an nn.Linear and cannot be swapped in place; use Fp8Linear.from_linear")
-    block_size = _check_block_size(block_size)
-    _check_scale_fmt(scale_fmt)
+    block_size = check_block_size(block_size)
+    check_scale_fmt(scale_fmt)
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and not _skipped(name, m, skip)]
     for name, lin in targets:
@@ -240,10 +207,9 @@ def requantize_model_(fp8_model: nn.Module,
     treat the error as fatal for that sync (never serve the model) and re-sync with a good state.
 
     Returns metrics: ``layers`` (FP8 layers re-quantized), ``bytes_read`` (high-precision bytes of their weights),
-    ``bytes_written`` (FP8 codes + scales written), ``tensors_copied`` / ``bytes_copied`` (other tensors),
-    ``seconds`` (wall time of the whole sync).
+    ``bytes_written`` (FP8 codes + scales written), ``tensors_copied`` / ``bytes_copied`` (other tensors).
+    Timing is the caller's (benchmarks time this call with :func:`helpers.core.timing.median_time`).
     """
-    t0 = time.perf_counter()
     layers = fp8_linears(fp8_model)
     weight_of = {(f"{n}.weight" if n else "weight"): n for n in layers}
     fp8_owned = set(weight_of) | {(f"{n}.weight_scale_inv" if n else "weight_scale_inv") for n in layers}
@@ -308,5 +274,4 @@ def requantize_model_(fp8_model: nn.Module,
         raise ValueError(f"state had no weight for FP8 layer(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if strict and (absent := [k for k in others if k not in seen]):
         raise ValueError(f"state did not update {absent[:5]}{' ...' if len(absent) > 5 else ''} (strict=True)")
-    metrics["seconds"] = time.perf_counter() - t0
     return metrics

@@ -2,7 +2,7 @@
 
 Both backends return bit-identical codes and scales (see :mod:`helpers.fp8.reference` for the exact semantics);
 the GEMM agrees within accumulation-order rounding. ``backend="auto"`` follows
-:func:`helpers.runtime.resolve_backend` ("triton" on a GPU, "torch" on the CPU). Asking for ``"triton"`` without a
+:func:`helpers.core.runtime.resolve_backend` ("triton" on a GPU, "torch" on the CPU). Asking for ``"triton"`` without a
 GPU runs the kernels under the Triton interpreter - exact but slow - and warns once.
 """
 
@@ -12,16 +12,14 @@ import warnings
 
 import torch
 
-from helpers import runtime
+from helpers.core import runtime
 from helpers.fp8 import reference as ref
-from helpers.fp8.reference import FP8_DTYPE, SCALE_FMTS
+from helpers.fp8.format import FP8_DTYPE, check_block_size, check_pow2, check_scale_fmt
 
 __all__ = ["quant_act", "quant_weight", "dequant_weight", "block_fp8_matmul"]
 
 # Inputs the quantizers accept.
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Smallest group / block edge: below 16 a tl.dot tile is not supported on GPUs, and scales would cost more than codes.
-MIN_BLOCK = 16
 _interpreter_warned = False
 _warned: set[str] = set()
 
@@ -50,24 +48,6 @@ def _backend(backend: str, device: torch.device) -> str:
             )
             _interpreter_warned = True
     return name
-
-
-def _check_pow2(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value!r}")
-    return value
-
-
-def _check_block(block_size: object) -> tuple[int, int]:
-    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
-        raise ValueError(f"block_size must be a pair (bn, bk) of powers of two >= {MIN_BLOCK}, got {block_size!r}")
-    return _check_pow2("block_size[0]", block_size[0]), _check_pow2("block_size[1]", block_size[1])
-
-
-def _check_scale_fmt(scale_fmt: object) -> str:
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-    return scale_fmt
 
 
 def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...], ndim: int | None = None,
@@ -127,8 +107,8 @@ def quant_act(
     where x is +-inf and zero codes elsewhere (x / inf); a group holding NaN gets scale NaN and all-NaN codes.
     """
     _check_tensor("x", x, _FLOAT_DTYPES, min_ndim=1)
-    group_size = _check_pow2("group_size", group_size)
-    _check_scale_fmt(scale_fmt)
+    group_size = check_pow2("group_size", group_size)
+    check_scale_fmt(scale_fmt)
     name = _backend(backend, x.device)
     K = x.shape[-1]
     x2 = x.detach().reshape(-1, K)  # rounding to FP8 has no useful gradient: the codes never carry one
@@ -170,8 +150,8 @@ def quant_weight(
             already hold some or all of the new codes and scales when it raises: treat them as invalid then.
     """
     _check_tensor("w", w, _FLOAT_DTYPES, ndim=2)
-    bn, bk = _check_block(block_size)
-    _check_scale_fmt(scale_fmt)
+    bn, bk = check_block_size(block_size)
+    check_scale_fmt(scale_fmt)
     N, K = w.shape
     _check_out(out, scale_out, (N, K), (-(-N // bn), -(-K // bk)), w.device)
     name = _backend(backend, w.device)
@@ -191,7 +171,7 @@ def dequant_weight(
     """fp32 [N, K] = ``w_fp8`` [N, K] float8_e4m3fn times its block scale ``w_scale_inv`` [ceil(N/bn), ceil(K/bk)]."""
     _check_tensor("w_fp8", w_fp8, (FP8_DTYPE,), ndim=2)
     _check_tensor("w_scale_inv", w_scale_inv, (torch.float32,), ndim=2)
-    bn, bk = _check_block(block_size)
+    bn, bk = check_block_size(block_size)
     _check_same_device(w_fp8=w_fp8, w_scale_inv=w_scale_inv)
     N, K = w_fp8.shape
     want = (-(-N // bn), -(-K // bk))
@@ -229,7 +209,7 @@ def block_fp8_matmul(
     _check_tensor("x_scale", x_scale, (torch.float32,), ndim=x_fp8.ndim)
     _check_tensor("w_fp8", w_fp8, (FP8_DTYPE,), ndim=2)
     _check_tensor("w_scale_inv", w_scale_inv, (torch.float32,), ndim=2)
-    bn, bk = _check_block(block_size)
+    bn, bk = check_block_size(block_size)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {out_dtype}")
     dev = _check_same_device(x_fp8=x_fp8, x_scale=x_scale, w_fp8=w_fp8, w_scale_inv=w_scale_inv)

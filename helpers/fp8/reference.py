@@ -1,6 +1,6 @@
 """Torch blockwise FP8 (e4m3) quantization and the block-scaled GEMM: the ``backend="torch"`` path.
 
-This module is the specification in code (REFERENCE.md, "Blockwise FP8 (W8A8) semantics") and also the
+This module is the specification in code (the scale rule of :mod:`helpers.fp8.format`) and also the
 production CPU path for the per-RL-step weight re-quantization, so it is written to be both bit-exact and fast.
 
 Semantics, per block (a 1 x group slice of an activation row, or a bn x bk tile of a weight):
@@ -30,57 +30,21 @@ import warnings
 import torch
 
 from helpers.fp8 import native as _native
+from helpers.fp8.format import FP8_DTYPE, FP8_E4M3_MAX, compute_scale
 
 __all__ = [
-    "FP8_E4M3_MAX",
-    "SCALE_EPS",
-    "SCALE_FMTS",
     "CHUNK_ELEMS",
-    "compute_scale",
-    "ue8m0_round_up",
     "quant_blocks_torch",
     "dequant_weight_torch",
     "block_fp8_matmul_torch",
 ]
 
-FP8_DTYPE = torch.float8_e4m3fn
-# Largest finite float8_e4m3fn value (S.1111.110 = 1.75 * 2**8); S.1111.111 is NaN in the "fn" variant.
-FP8_E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)
-# Floor on amax so that an all-zero block gets a finite positive scale (vLLM's per_token_group_quant_fp8 value).
-SCALE_EPS = 1e-10
-SCALE_FMTS = ("fp32", "ue8m0")
 # Elements per chunk: a bf16 chunk (0.5 MiB) plus its fp32 scratch (1 MiB) stay inside a 2 MiB L2 cache.
 CHUNK_ELEMS = 1 << 18
 
-_F32_MANTISSA_MASK = 0x007FFFFF
-_F32_EXPONENT_MASK = 0x7F800000
 # Integer views used to take |x| by clearing the sign bit.
 _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _ABS_MASK = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF}
-
-
-def ue8m0_round_up(s: torch.Tensor) -> torch.Tensor:
-    """Round positive fp32 scales up to a power of two, exactly: ``2 ** ceil(log2(s))``.
-
-    On the bits: a normal fp32 ``s`` is an exact power of two iff its mantissa field is zero; otherwise adding
-    ``0x7FFFFF`` carries one into the exponent field, and masking the mantissa away leaves the next power of two.
-    Non-finite entries (inf, NaN) are passed through unchanged. Returns a new fp32 tensor of the same shape.
-    """
-    bits = s.contiguous().view(torch.int32)
-    rounded = ((bits + _F32_MANTISSA_MASK) & _F32_EXPONENT_MASK).view(torch.float32)
-    return torch.where(torch.isfinite(s), rounded, s)
-
-
-def compute_scale(amax: torch.Tensor, scale_fmt: str = "fp32") -> torch.Tensor:
-    """Dequantization scale per block from its fp32 ``amax``: ``max(amax, SCALE_EPS) / 448`` (ue8m0: next pow2).
-
-    ``amax`` is fp32 (any shape); returns fp32 of the same shape. NaN / inf amax give NaN / inf scales.
-    """
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-    # clamp_min keeps NaN (torch.clamp propagates NaN); the division is IEEE fp32.
-    s = amax.float().clamp_min(SCALE_EPS) / FP8_E4M3_MAX
-    return ue8m0_round_up(s) if scale_fmt == "ue8m0" else s
 
 
 def _block_amax(x4: torch.Tensor) -> torch.Tensor:
@@ -207,6 +171,15 @@ def quant_blocks_torch(
         for cols, cb in (((0, k_full), bk), ((k_full, K), K - k_full)):
             _quant_region(x, out, scale_out, rows, cols, rb, cb, bn, bk, scale_fmt, check_finite, scratch)
     return out, scale_out
+
+
+def quantizer_impl(x: torch.Tensor, block: tuple[int, int]) -> str:
+    """Which implementation :func:`quant_blocks_torch` runs for ``x`` with ``native=None``: ``"native"`` (the
+    compiled CPU kernel) or ``"torch"`` (the pure-torch loop: HELPERS_FP8_NATIVE=0, an unsupported input, or a
+    kernel that could not be built, which warns). Benchmarks record it beside their timings."""
+    if _native.enabled() and _native.supports(x, block) and _native.available():
+        return "native"
+    return "torch"
 
 
 def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import helpers  # noqa: F401  (sets up the runtime before anything else)
-from helpers import rollout_correction as rc
+from helpers.rl import rollout_correction as rc
 
 
 def _inputs(B: int, T: int, seed: int, scale: float = 0.5, pad: bool = True):

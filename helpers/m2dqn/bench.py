@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers import dqn
+from helpers.core.timing import single_thread
+from helpers.m2dqn import dqn, grid
 
 __all__ = ["reference_loop_sps", "training_sps", "update_cost", "benchmark"]
 
@@ -44,13 +45,13 @@ def training_sps(env_id: str, steps: int, seed: int = 0, **kwargs: Any) -> dict[
 
 def update_cost(env_id: str = "CartPole-v1", *, num_batches: int = 4, batch_size: int | None = None,
                 n_updates: int = 300, repeats: int = 3, seed: int = 0) -> pd.DataFrame:
-    """Wall time of one training call for each method of :func:`helpers.dqn.method_configs`, on a full buffer.
+    """Wall time of one training call for each method of :func:`helpers.m2dqn.grid.method_configs`, on a full buffer.
 
     The methods are timed round-robin ``repeats`` times (``n_updates`` calls each) and the fastest round is kept,
     so load changes on a shared machine hit every method alike. Returns one row per method: ``method``,
     ``update_ms`` and ``ratio_to_ddqn``.
     """
-    methods = dqn.method_configs(num_batches, batch_size)
+    methods = grid.method_configs(num_batches, batch_size)
     env = gym.make(env_id)
     obs_dim, n_actions = int(env.observation_space.shape[0]), int(env.action_space.n)
     env.close()
@@ -61,16 +62,14 @@ def update_cost(env_id: str = "CartPole-v1", *, num_batches: int = 4, batch_size
         rb.add(o, int(rng.integers(n_actions)), float(rng.normal()), o + 0.01, bool(rng.random() < 0.02))
     setups = {}
     for name, cfg in methods.items():
-        _, _, kw = dqn._resolve({"env_id": env_id, **cfg})
+        _, _, kw = grid.resolve({"env_id": env_id, **cfg})
         args = dqn.make_args(env_id, seed=seed, **kw)
         torch.manual_seed(seed)
         q, t = dqn.QNetwork(obs_dim, n_actions, args.hidden), dqn.QNetwork(obs_dim, n_actions, args.hidden)
         opt = torch.optim.Adam(q.parameters(), lr=args.learning_rate, fused=True)
         setups[name] = (q, t, opt, args)
     best = {name: float("inf") for name in methods}
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in training
-    try:
+    with single_thread():  # as in training
         for _ in range(repeats):
             for name, (q, t, opt, args) in setups.items():
                 for _ in range(5):  # warm-up
@@ -80,8 +79,6 @@ def update_cost(env_id: str = "CartPole-v1", *, num_batches: int = 4, batch_size
                     for _ in range(args.grad_steps):
                         dqn.td_update(q, t, opt, rb.sample(args.batch_size, args.num_batches), args)
                 best[name] = min(best[name], (time.perf_counter() - start) / n_updates)
-    finally:
-        torch.set_num_threads(n_threads)
     base = best["DDQN"]
     return pd.DataFrame([{"method": k, "update_ms": 1e3 * v, "ratio_to_ddqn": v / base} for k, v in best.items()])
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import helpers  # noqa: F401  (sets up the runtime before anything else)
-from helpers import markov_toy as mt
-from helpers import pg_train as pg
+from helpers.estimators import markov as mt
+from helpers.estimators import learning as pg
 
 
 def test_pg_exact_return_hand_made_and_vs_sampling():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import dqn
-from helpers.dqn import ReplayBuffer, max_mean_loss, tilted_loss
+from helpers.m2dqn import dqn, grid
+from helpers.m2dqn.dqn import ReplayBuffer, max_mean_loss, tilted_loss
 
 # A short CartPole run: long enough to reach the learning phase and one evaluation, short enough for a test.
 TINY = dict(total_steps=600, learning_starts=200, eval_interval=300, eval_episodes=2, log_interval=100)
@@ -233,22 +233,22 @@ def test_bad_input_names_the_argument(kwargs, name):
 
 
 def test_method_configs_are_the_fair_controls():
-    cfg = dqn.method_configs(4, 32)
+    cfg = grid.method_configs(4, 32)
     assert cfg["M2DQN"] == dict(algo="m2dqn", num_batches=4, loss_agg="max", batch_size=32)
-    assert dqn._resolve({"env_id": "CartPole-v1", **cfg["DDQN batch MB"]})[2]["batch_size"] == 128
+    assert grid.resolve({"env_id": "CartPole-v1", **cfg["DDQN batch MB"]})[2]["batch_size"] == 128
     assert cfg["DDQN M steps"]["grad_steps"] == 4 and cfg["M2DQN tilted"]["loss_agg"] == "tilted"
     with pytest.raises(ValueError, match="num_batches"):
-        dqn.method_configs(0)
+        grid.method_configs(0)
 
 
 def test_run_grid_in_process_tags_runs():
     cfgs = [dict(env_id="CartPole-v1", method=name, seed=1, **kw, **TINY)
-            for name, kw in dqn.method_configs(2).items() if name in ("DDQN", "M2DQN")]
-    out = dqn.run_grid(cfgs, jobs=1, progress=False)
+            for name, kw in grid.method_configs(2).items() if name in ("DDQN", "M2DQN")]
+    out = grid.run_grid(cfgs, jobs=1, progress=False)
     assert set(out["metrics"]["method"]) == {"DDQN", "M2DQN"}
     assert set(out["evals"].columns) >= {"env_id", "method", "seed", "step", "eval/return_mean"}
     with pytest.raises(ValueError, match="num_batches"):
-        dqn.run_grid([dict(env_id="CartPole-v1", algo="m2dqn", num_batches=0)], jobs=1)
+        grid.run_grid([dict(env_id="CartPole-v1", algo="m2dqn", num_batches=0)], jobs=1)
 
 
 def test_numpy_policy_tracks_the_live_weights():

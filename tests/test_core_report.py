@@ -2,7 +2,7 @@ import json
 
 import pandas as pd
 
-from helpers import report
+from helpers.core import report
 
 
 def _fake(out, name, *, status="ok", results=None, figure=True):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from helpers.results import atomic_write_text
+from helpers.core.results import atomic_write_text
 
 __all__ = ["collect", "build_gallery", "SUMMARY_COLUMNS"]
 

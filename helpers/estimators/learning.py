@@ -9,7 +9,7 @@ exactly by a forward recursion, so learning curves carry no evaluation noise:
   always-safe earns ``r_safe``.
 
 The trainer's policy is a table of logits ``theta`` [4, 3] (row 3 is BOS). The rollout engine samples from a copy
-whose logits are rounded through FP8 e4m3 per ``fp8_block`` tile (:data:`FP8_SOURCE` says which quantizer) and then
+whose logits are rounded through FP8 e4m3 per ``fp8_block`` tile (:func:`helpers.estimators.markov.fp8_round`) and then
 perturbed by a controlled amount: ``noise`` (Gaussian logit noise, redrawn at every weight sync) and ``epsilon``
 (a uniform floor on the rollout probabilities, mu = (1 - eps) softmax + eps / V, as an engine whose sampler
 adds probability mass to tokens the trainer has driven to ~0). A floor makes a fast run crash with probability
@@ -31,18 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers import markov_toy as mt
-from helpers import rollout_correction as rc
+from helpers.core.timing import single_thread
+from helpers.estimators import markov as mt
+from helpers.rl import rollout_correction as rc
 
-try:  # the team's blockwise FP8 quantizer; the local e4m3 rounding (bit-identical on this path) if it is absent
-    from helpers import fp8 as _fp8
-
-    FP8_SOURCE = "helpers.fp8.quant_weight + dequant_weight (torch backend)"
-except ImportError:  # pragma: no cover - only before helpers.fp8 exists
-    _fp8 = None
-    FP8_SOURCE = "helpers.markov_toy.fp8_round (torch e4m3 cast, amax/448 block scales)"
-
-__all__ = ["FP8_SOURCE", "FastLaneConfig", "METHODS", "rollout_table", "exact_return", "sample_rewards", "train",
+__all__ = ["FastLaneConfig", "METHODS", "rollout_table", "exact_return", "sample_rewards", "train",
            "train_many", "summarize"]
 
 N_TOKENS = 3  # safe, fast, skid
@@ -83,8 +76,6 @@ def rollout_table(theta: torch.Tensor, cfg: FastLaneConfig, gen: torch.Generator
     """The rollout engine's log-probs [4, 3]: FP8-rounded logits, Gaussian noise, then the epsilon floor."""
     if cfg.fp8_block is None:
         logits = theta.clone()
-    elif _fp8 is not None:
-        logits = _fp8.dequant_weight(*_fp8.quant_weight(theta, cfg.fp8_block, backend="torch"), cfg.fp8_block)
     else:
         logits = mt.fp8_round(theta, cfg.fp8_block)
     if cfg.noise > 0:
@@ -126,7 +117,7 @@ def train(method: str, cfg: FastLaneConfig, *, progress: bool = False) -> dict[s
     tokens truncated by TIS or rejected by MIS) and ``ess_method`` (ESS of the weights the method actually used)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    with mt.single_thread():
+    with single_thread():
         return _train(METHODS[method], cfg, progress)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import helpers  # noqa: F401  (sets up the runtime before anything else)
-from helpers import markov_toy as mt
+from helpers.estimators import markov as mt
 
 
 @pytest.mark.parametrize("V,T", [(2, 1), (3, 2), (3, 4), (4, 3)])

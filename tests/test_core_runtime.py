@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import runtime
+from helpers.core import runtime
 
 
 def test_auto_backend_follows_the_device(monkeypatch):

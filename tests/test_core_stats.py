@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import stats
+from helpers.core import stats
 
 
 def test_iqm_by_hand():

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from helpers import results
+from helpers.core import results
 
 
 def test_results_writes_metrics_with_provenance(tmp_path):

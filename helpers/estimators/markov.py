@@ -15,19 +15,18 @@ weights of :mod:`helpers.rollout_correction` and are compared with the exact gra
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import pandas as pd
 import torch
 
-from helpers import rollout_correction as rc
+from helpers.core.timing import single_thread
+from helpers.fp8.format import fake_quant
+from helpers.rl import rollout_correction as rc
 
 __all__ = [
-    "FP8_E4M3_MAX",
     "ESTIMATORS",
     "Estimator",
     "log_policy",
@@ -41,26 +40,7 @@ __all__ = [
     "estimator_weights",
     "per_sample_gradients",
     "estimator_study",
-    "single_thread",
 ]
-
-FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: the largest finite e4m3 value
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread inside the block, restoring the previous count after it.
-
-    These experiments are many small ops: on the shared 2-core machine, waking torch's thread pool for each costs far
-    more than the op (log_softmax of a [4, 3] table: ~7 ms with 2 threads vs ~0.05 ms with 1; the smoke estimator
-    study: 12 s vs 0.7 s when the other core is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
 
 @dataclass(frozen=True)
 class Estimator:
@@ -90,19 +70,18 @@ def log_policy(theta: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_round(x: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
-    """Round ``x`` [rows, cols] through FP8 e4m3 and back, with scale s = amax / 448 per tensor (``block=None``) or
-    per ``block`` tile: ``q = fp8(x / s) * s`` (torch's cast: round to nearest even, correct on CPU)."""
+    """Round ``x`` [rows, cols] through FP8 e4m3 and back (:func:`helpers.fp8.format.fake_quant`: the package's
+    scale rule ``max(amax, 1e-10) / 448``), with one scale per tensor (``block=None``) or per ``block`` tile (any
+    tile shape: the toy tables are smaller than the 16-wide minimum of the production quantizer)."""
     x = x.float()
     if block is None:
-        s = x.abs().amax().clamp(min=1e-12) / FP8_E4M3_MAX
-        return (x / s).to(torch.float8_e4m3fn).float() * s
+        return fake_quant(x, x.abs().amax())
     br, bc = block
     rows, cols = x.shape
     pr, pc = (-rows) % br, (-cols) % bc
-    xp = torch.nn.functional.pad(x, (0, pc, 0, pr))  # [R, C] padded to whole tiles
+    xp = torch.nn.functional.pad(x, (0, pc, 0, pr))  # [R, C] padded to whole tiles (zeros leave amax unchanged)
     tiles = xp.reshape(xp.shape[0] // br, br, xp.shape[1] // bc, bc)  # [R/br, br, C/bc, bc]
-    s = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
-    q = (tiles / s).to(torch.float8_e4m3fn).float() * s
+    q = fake_quant(tiles, tiles.abs().amax(dim=(1, 3), keepdim=True))
     return q.reshape(xp.shape)[:rows, :cols]
 
 

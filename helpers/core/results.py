@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from helpers.runtime import REPO_ROOT, environment_info
+from helpers.core.runtime import REPO_ROOT, environment_info
 
 __all__ = ["RESULTS_ENV", "PROFILES", "Results", "results_root", "atomic_write_bytes", "atomic_write_text"]
 

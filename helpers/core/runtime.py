@@ -45,7 +45,7 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "HELPERS_BACKEND"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # helpers/core/runtime.py -> the repository
 
 
 def has_cuda() -> bool:
