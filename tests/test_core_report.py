@@ -12,6 +12,7 @@ def _fake(out, name, *, status="ok", results=None, figure=True):
         (d / "fig.png").write_bytes(b"\x89PNG fake")
         metrics = {"notebook": name, "title": f"Title {name}", "profile": "full", "wall_time_s": 12.5,
                    "git_commit": "abc123", "environment": {"device": "cpu", "gpu": None},
+                   "verdicts": [{"claim": f"claim of {name}", "verdict": "partly", "reason": "because <3"}],
                    "results": results or [{"quantity": "q", "measured": 1.0, "paper": "2", "note": "n"}],
                    "headline_figure": "fig.png" if figure else None}
         (d / "metrics.json").write_text(json.dumps(metrics))
@@ -33,10 +34,15 @@ def test_gallery_has_a_card_per_notebook_with_figure_and_table(tmp_path):
     assert index.count('<table class="results">') == 2
     assert 'src="01_a/fig.png"' in index and 'href="02_b/report.html"' in index
     assert "cell 4: ValueError: bad &lt;input&gt;" in index  # escaped, failing cell named
+    # the verdict block opens the card, before the figure
+    card = index[index.index('data-notebook="01_a"'):]
+    assert card.index('class="verdicts"') < card.index("<img")
+    assert '<span class="verdict v-partly">partly</span> claim of 01_a' in card and "because &lt;3" in card
 
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert list(summary.columns) == report.SUMMARY_COLUMNS
-    assert summary.groupby("notebook").size().to_dict() == {"01_a": 1, "02_b": 2, "03_c": 1}
+    assert summary.groupby("notebook").size().to_dict() == {"01_a": 2, "02_b": 3, "03_c": 1}
+    assert summary.set_index("notebook").loc["01_a"].set_index("kind").loc["verdict", "measured"] == "partly"
     assert summary.set_index("notebook").loc["03_c", "status"] == "failed"
 
 

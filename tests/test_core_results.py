@@ -20,6 +20,7 @@ def test_results_writes_metrics_with_provenance(tmp_path):
     res.log(**{"loss/final": 0.5, "bad/nan": float("nan")})
     res.log_dict({"x": 1}, prefix="ns/")
     res.add_result("error", 0.01, "0.02", "lower is better")
+    res.add_verdict("error below 0.02", "reproduced", "measured 0.01")
     path = res.finalize()
 
     data = json.loads(path.read_text())
@@ -31,6 +32,7 @@ def test_results_writes_metrics_with_provenance(tmp_path):
     assert data["metrics"]["bad/nan"] is None  # JSON has no NaN
     assert data["metrics"]["ns/x"] == 1
     assert data["results"][0]["quantity"] == "error"
+    assert data["verdicts"] == [{"claim": "error below 0.02", "verdict": "reproduced", "reason": "measured 0.01"}]
     assert data["wall_time_s"] >= 0
     for key in ("environment", "git_commit", "started_at", "finished_at"):
         assert key in data
@@ -38,6 +40,20 @@ def test_results_writes_metrics_with_provenance(tmp_path):
     assert (tmp_path / "99_demo" / "results.csv").exists()
     assert pd.read_csv(tmp_path / "99_demo" / "table.csv")["a"].tolist() == [1, 2]
     assert not [p for p in (tmp_path / "99_demo").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_verdicts_are_checked_and_required(tmp_path):
+    res = results.Results("99_demo", title="t", profile="smoke", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        res.add_verdict("claim", "mostly", "why")
+    with pytest.raises(ValueError, match="non-empty"):
+        res.add_verdict("claim", "partly", " ")
+    with pytest.raises(ValueError, match="no verdict recorded"):
+        res.finalize()
+    res.add_verdict("A", "not testable here", "no GPU")
+    res.add_verdict("B", "not reproduced", "gap is 0")
+    assert res.verdict_markdown() == "- **not testable here**: A - no GPU\n- **not reproduced**: B - gap is 0"
+    assert res.finalize().exists()
 
 
 def test_first_figure_is_default_headline(tmp_path):

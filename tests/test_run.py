@@ -36,7 +36,8 @@ def nb_dir(tmp_path):
     good = [
         "from helpers.core import results",
         "res = results.Results('10_good', title='good', profile=profile, params={'scale': scale})\n"
-        "res.add_result('scale', scale * 2, 'paper', '')\nres.finalize()",
+        "res.add_result('scale', scale * 2, 'paper', '')\nres.add_verdict('doubles', 'reproduced', 'it does')\n"
+        "res.finalize()",
     ]
     _write_notebook(d / "10_good.ipynb", good)
     _write_notebook(d / "20_bad.ipynb", ["x = 1", "raise RuntimeError('boom in cell')", "y = 2"])

@@ -18,7 +18,7 @@ from helpers.core.results import atomic_write_text
 
 __all__ = ["collect", "build_gallery", "SUMMARY_COLUMNS"]
 
-SUMMARY_COLUMNS = ["notebook", "title", "status", "profile", "quantity", "measured", "paper", "note",
+SUMMARY_COLUMNS = ["notebook", "title", "status", "profile", "kind", "quantity", "measured", "paper", "note",
                    "wall_time_s", "git_commit", "device"]
 
 _CSS = """
@@ -33,6 +33,11 @@ font-size:11px;font-weight:600;margin-right:6px}.ok{background:#d4f3df;color:#17
 .card img{width:100%;border:1px solid #e3e6ec;border-radius:6px;background:#fff}
 table{border-collapse:collapse;width:100%;font-size:12.5px;margin-top:10px}
 th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eceef2;vertical-align:top}th{background:#f0f2f6}
+.verdicts{list-style:none;padding:0;margin:6px 0 10px;font-size:13px}.verdicts li{margin:3px 0}
+.verdict{display:inline-block;min-width:92px;padding:1px 7px;border-radius:9px;font-size:11px;font-weight:600;
+margin-right:6px;text-align:center}.v-reproduced{background:#d4f3df;color:#17693a}
+.v-partly{background:#fff1c7;color:#7a5a00}.v-not-reproduced{background:#fbd9d5;color:#8e2418}
+.v-not-testable-here{background:#e6e8ee;color:#4a5163}.reason{color:#5a6275}
 .links a{margin-right:14px;font-size:13px}.error{font-family:monospace;font-size:12px;color:#8e2418;white-space:pre-wrap}
 """
 
@@ -92,6 +97,11 @@ def _card(rec: dict[str, Any]) -> str:
         fig = f"{name}/{m['headline_figure']}"
         parts.append(f'<a href="{esc(fig)}"><img class="headline" src="{esc(fig)}" alt="{esc(name)} headline figure">'
                      "</a>")
+    if ok and m.get("verdicts"):
+        items = "".join(
+            f'<li><span class="verdict v-{esc(v["verdict"].replace(" ", "-"))}">{esc(v["verdict"])}</span> '
+            f'{esc(v["claim"])} <span class="reason">- {esc(v["reason"])}</span></li>' for v in m["verdicts"])
+        parts.insert(3, f'<ul class="verdicts">{items}</ul>')
     if ok and m.get("results"):
         rows = "".join(
             f"<tr><td>{esc(_fmt(r.get('quantity')))}</td><td>{esc(_fmt(r.get('measured')))}</td>"
@@ -120,9 +130,11 @@ def build_gallery(out: str | Path) -> Path:
         base = {"notebook": rec["name"], "title": m.get("title", ""), "status": rec["status"],
                 "profile": m.get("profile", rec["run"].get("profile")), "wall_time_s": m.get("wall_time_s"),
                 "git_commit": m.get("git_commit"), "device": m.get("environment", {}).get("device")}
+        rows += [{**base, "kind": "verdict", "quantity": v.get("claim"), "measured": v.get("verdict"),
+                  "note": v.get("reason")} for v in m.get("verdicts") or []]
         results = m.get("results") or [{}]
-        rows += [{**base, "quantity": r.get("quantity"), "measured": r.get("measured"), "paper": r.get("paper"),
-                  "note": r.get("note")} for r in results]
+        rows += [{**base, "kind": "result", "quantity": r.get("quantity"), "measured": r.get("measured"),
+                  "paper": r.get("paper"), "note": r.get("note")} for r in results]
     atomic_write_text(out / "summary.csv", pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(index=False))
     n_ok = sum(r["status"] == "ok" for r in records)
     cards = "\n".join(_card(r) for r in records) or "<p>No notebook results yet: run <code>make reports</code>.</p>"
@@ -130,8 +142,8 @@ def build_gallery(out: str | Path) -> Path:
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>FP8-RL and M2DQN notebooks: results</title><style>{_CSS}</style></head>
 <body><header><h1>FP8-RL and M2DQN reproduction notebooks</h1>
-<p>{len(records)} notebook(s), {n_ok} ok. Each card: the notebook's headline figure and its measured numbers beside the
-paper's. CPU figures come from CPU runs; GPU figures only from GPU runs (see each report's environment line).</p>
+<p>{len(records)} notebook(s), {n_ok} ok. Each card: the verdict per claim (reproduced / partly / not reproduced / not testable
+here), the notebook's headline figure, and its measured numbers beside the paper's. CPU figures come from CPU runs; GPU figures only from GPU runs (see each report's environment line).</p>
 </header><main>
 {cards}
 </main>

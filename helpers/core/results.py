@@ -1,7 +1,8 @@
 """Atomic writes of a notebook's metrics, figures and tables, with provenance.
 
 Every notebook creates one :class:`Results`, saves figures and tables through it, adds the rows of its final
-"measured vs paper" table with :meth:`Results.add_result`, and ends with :meth:`Results.finalize`, which writes
+"measured vs paper" table with :meth:`Results.add_result`, one verdict per claim with :meth:`Results.add_verdict`
+(reproduced / partly / not reproduced / not testable here, with the reason), and ends with :meth:`Results.finalize`, which writes
 ``<results dir>/<notebook>/metrics.json``. The gallery (:mod:`helpers.report`) is built from those files alone.
 
 The results directory is, in order: the ``out_dir`` argument, the ``HELPERS_RESULTS_DIR`` environment variable
@@ -28,6 +29,8 @@ __all__ = ["RESULTS_ENV", "PROFILES", "Results", "results_root", "atomic_write_b
 
 RESULTS_ENV = "HELPERS_RESULTS_DIR"
 PROFILES = ("smoke", "full")
+# The verdict a notebook gives each claim it tests, in the words the reports use.
+VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
 # Figures are committed with the results: a modest DPI keeps each PNG well under the 5 MB limit.
 FIGURE_DPI = 110
 _UMASK = os.umask(0)
@@ -119,6 +122,7 @@ class Results:
         self._started = datetime.now(timezone.utc)
         self.metrics: dict[str, Any] = {}
         self.results: list[dict[str, Any]] = []
+        self.verdicts: list[dict[str, str]] = []
         self.figures: list[str] = []
         self.tables: list[str] = []
         self.headline_figure: str | None = None
@@ -157,6 +161,20 @@ class Results:
         """One row of the notebook's final table: what we measured beside what the paper (or engine) reports."""
         self.results.append({"quantity": quantity, "measured": measured, "paper": paper, "note": note})
 
+    def add_verdict(self, claim: str, verdict: str, reason: str) -> None:
+        """One line of the verdict block that opens the Result section and the gallery card: the paper's ``claim``,
+        our ``verdict`` (one of :data:`VERDICTS`) and the ``reason`` in a sentence (what was measured, or why it
+        cannot be tested here)."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        if not claim.strip() or not reason.strip():
+            raise ValueError("claim and reason must be non-empty sentences")
+        self.verdicts.append({"claim": claim, "verdict": verdict, "reason": reason})
+
+    def verdict_markdown(self) -> str:
+        """The verdicts as a Markdown list (``display(Markdown(res.verdict_markdown()))`` in the Result cell)."""
+        return "\n".join(f"- **{v['verdict']}**: {v['claim']} - {v['reason']}" for v in self.verdicts)
+
     def result_table(self) -> pd.DataFrame:
         """The rows added with :meth:`add_result`, for display at the end of the notebook."""
         return pd.DataFrame(self.results, columns=["quantity", "measured", "paper", "note"])
@@ -164,6 +182,9 @@ class Results:
     # -- provenance ----------------------------------------------------------------------------------------------
     def finalize(self) -> Path:
         """Write ``metrics.json`` (and ``results.csv`` with the final table); returns the metrics path."""
+        if not self.verdicts:
+            raise ValueError(f"{self.notebook}: no verdict recorded; call add_verdict() for every claim before "
+                             "finalize()")
         if self.results:
             self.save_table(self.result_table(), "results")
         payload = {
@@ -176,6 +197,7 @@ class Results:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.perf_counter() - self._t0, 2),
             "metrics": self.metrics,
+            "verdicts": self.verdicts,
             "results": self.results,
             "figures": self.figures,
             "headline_figure": self.headline_figure,
