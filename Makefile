@@ -1,5 +1,5 @@
 # The README's commands. Everything runs inside .venv, created and filled here from the pinned requirements.
-#   make reports [PROFILE=smoke] [JOBS=2]   run every notebook, render HTML, rebuild results/index.html
+#   make reports [PROFILE=smoke] [JOBS=2] [OUT=dir]   run every notebook, render HTML, rebuild <out>/index.html
 #   make test                                pytest over helpers + every notebook on the smoke profile
 #   make lab                                 JupyterLab with the venv's kernel
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -7,7 +7,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= full
 JOBS   ?= 1
-OUT    ?= results
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup reports test lab browser clean
@@ -22,8 +21,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name fp8rl --display-name "Python (fp8rl .venv)"
 	touch $(STAMP)
 
+# OUT defaults to results/ for the full profile and results-smoke/ (git-ignored) for smoke: a quick pass never
+# overwrites the committed full-profile results.
 reports: setup
-	$(PY) -m helpers.run --profile $(PROFILE) --jobs $(JOBS) --out $(OUT)
+	$(PY) -m helpers.run --profile $(PROFILE) --jobs $(JOBS) $(if $(OUT),--out $(OUT))
 
 # Debian's chromium renders the gallery in the browser test; the test skips (and says why) where it cannot install.
 browser:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from helpers.core.results import PROFILES, atomic_write_text
+from helpers.core.results import PROFILES, atomic_write_text, results_root
 from helpers.core.runtime import REPO_ROOT
 
 __all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "main"]
@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="full", help="smoke (quick pass) or full (default)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="notebook stems or unique prefixes (e.g. 01)")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel (default 1)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results"), help="output folder (default results/)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: results/ for --profile full, results-smoke/ for smoke, so a "
+                             "quick pass never overwrites the committed full-profile results)")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override a notebook parameter (repeatable)")
     parser.add_argument("--notebook-dir", default=str(NOTEBOOK_DIR), help="where the notebooks are (default notebooks/)")
@@ -265,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from helpers.core.report import build_gallery
 
-    out = Path(args.out).resolve()
+    out = results_root(args.out, args.profile).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_kernel()
     jobs = min(args.jobs, len(chosen))

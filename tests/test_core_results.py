@@ -95,3 +95,11 @@ def test_jsonable_handles_tensors_and_infinities():
 
     out = results._jsonable({"t": torch.tensor(2.5), "inf": math.inf, "tuple": (1, 2)})
     assert out == {"t": 2.5, "inf": None, "tuple": [1, 2]}
+
+
+def test_smoke_runs_never_default_to_the_committed_results(monkeypatch):
+    monkeypatch.delenv(results.RESULTS_ENV, raising=False)
+    assert results.results_root(profile="full") == results.REPO_ROOT / "results"
+    assert results.results_root(profile="smoke") == results.REPO_ROOT / "results-smoke"
+    monkeypatch.setenv(results.RESULTS_ENV, "/tmp/x")
+    assert str(results.results_root(profile="smoke")) == "/tmp/x"

@@ -37,12 +37,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def results_root(out_dir: str | os.PathLike | None = None) -> Path:
-    """The directory holding one sub-directory per notebook."""
+def results_root(out_dir: str | os.PathLike | None = None, profile: str = "full") -> Path:
+    """The directory holding one sub-directory per notebook: ``out_dir``, else ``$HELPERS_RESULTS_DIR``, else
+    ``results/`` for the full profile and ``results-smoke/`` (git-ignored) for the smoke profile, so that a quick
+    pass never overwrites the committed full-profile results."""
     if out_dir is not None:
         return Path(out_dir)
     env = os.environ.get(RESULTS_ENV)
-    return Path(env) if env else REPO_ROOT / "results"
+    if env:
+        return Path(env)
+    return REPO_ROOT / ("results" if profile == "full" else "results-smoke")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -116,7 +120,7 @@ class Results:
         self.title = title
         self.profile = profile
         self.params = dict(params or {})
-        self.dir = results_root(out_dir) / notebook
+        self.dir = results_root(out_dir, profile) / notebook
         self.dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
         self._started = datetime.now(timezone.utc)
