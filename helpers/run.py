@@ -119,6 +119,36 @@ def parse_params(pairs: Sequence[Sequence[str]], notebooks: Sequence[Path]) -> d
     return params
 
 
+SMOKE_NAME = "smoke_overrides"
+
+
+def smoke_overrides(path: Path) -> dict[str, Any]:
+    """The literal dict ``smoke_overrides = {...}`` of the notebook's parameters cell: the values the smoke profile
+    uses instead of the cell's (full-profile) values ({} when the notebook declares none).
+
+    The runner injects them as papermill parameters (``-p`` values win) together with ``smoke_overrides = {}``, so
+    the executed notebook's injected cell shows exactly what ran and the notebook's own
+    ``if profile == "smoke": globals().update(smoke_overrides)`` (for interactive runs) does nothing more.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == SMOKE_NAME
+                                                    for t in node.targets):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError as exc:
+                    raise UsageError(f"{path.stem}: {SMOKE_NAME} must be a literal dict ({exc})") from None
+                if not isinstance(value, dict):
+                    raise UsageError(f"{path.stem}: {SMOKE_NAME} must be a dict, got {type(value).__name__}")
+                return value
+    return {}
+
+
 # -- execution ---------------------------------------------------------------------------------------------------
 def ensure_kernel() -> None:
     """Register this interpreter as the ``fp8rl`` Jupyter kernel if it is not registered yet."""
@@ -195,6 +225,10 @@ def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path,
         "--log-output", "--no-progress-bar",
         "-p", "profile", profile,
     ]
+    if profile == "smoke":
+        smoke = smoke_overrides(path)
+        if smoke:
+            params = {**smoke, **params, SMOKE_NAME: {}}
     for key, value in params.items():
         cmd += ["-y", json.dumps({key: value})]
     t0 = time.perf_counter()
@@ -256,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"no notebooks found in {args.notebook_dir}")
         chosen = select(notebooks, args.only)
         params = parse_params(args.param, chosen)
+        for p in chosen:
+            smoke_overrides(p)  # a malformed smoke_overrides is a usage error before anything runs
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

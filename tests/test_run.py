@@ -107,3 +107,37 @@ def test_select_by_prefix_and_ambiguity(nb_dir):
     assert [p.stem for p in run.select(nbs, ["20_bad.ipynb", "10_good"])] == ["20_bad", "10_good"]
     with pytest.raises(run.UsageError, match="unknown"):
         run.select(nbs, ["30"])
+
+
+SMOKE_PARAMS = ('profile = "full"  # smoke or full\nscale = 2  # a knob; smoke: 5\nsize = 100  # another; smoke: 7\n'
+                'smoke_overrides = {"scale": 5, "size": 7}  # what the smoke profile uses instead')
+SMOKE_BODY = [
+    "from helpers.core import results\nif profile == 'smoke':\n    globals().update(smoke_overrides)",
+    "res = results.Results('40_smoke', title='s', profile=profile, params={'scale': scale, 'size': size})\n"
+    "res.add_verdict('c', 'partly', 'r')\nres.finalize()",
+]
+
+
+def test_smoke_overrides_are_injected_and_explicit_values_win(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _write_notebook(d / "40_smoke.ipynb", SMOKE_BODY, params=SMOKE_PARAMS)
+    assert run.smoke_overrides(d / "40_smoke.ipynb") == {"scale": 5, "size": 7}
+    out = tmp_path / "o"
+    proc = _cli("--notebook-dir", str(d), "--out", str(out), "--profile", "smoke", "-p", "size", "9")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "40_smoke" / "metrics.json").read_text())["parameters"] == {"scale": 5, "size": 9}
+    # the executed notebook's injected cell shows what ran
+    executed = nbformat.read(str(out / "40_smoke" / "executed.ipynb"), as_version=4)
+    injected = [c.source for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])][0]
+    assert "scale = 5" in injected and "size = 9" in injected and "smoke_overrides = {}" in injected
+    proc = _cli("--notebook-dir", str(d), "--out", str(out), "--profile", "full")
+    assert json.loads((out / "40_smoke" / "metrics.json").read_text())["parameters"] == {"scale": 2, "size": 100}
+
+
+def test_smoke_overrides_must_be_a_literal_dict(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _write_notebook(d / "50_bad.ipynb", ["pass"], params='profile = "full"  # x\nsmoke_overrides = dict(a=1)  # x')
+    with pytest.raises(run.UsageError, match="literal dict"):
+        run.smoke_overrides(d / "50_bad.ipynb")
