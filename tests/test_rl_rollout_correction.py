@@ -117,6 +117,7 @@ def test_mismatch_metrics_match_direct(B, T):
     ref = {
         "kl": float((-d).mean()),
         "k3_kl": float((r - 1 - d).mean()),
+        "token_mult_prob_error": float(d.abs().exp().mean()),
         "training_ppl": sum(math.exp(-x) for x in seq_lt) / B,
         "rollout_ppl": sum(math.exp(-x) for x in seq_lr) / B,
         "ppl_ratio": sum(math.exp(a - b) for a, b in zip(seq_lr, seq_lt)) / B,
@@ -134,10 +135,24 @@ def test_mismatch_metrics_match_direct(B, T):
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
+def test_mismatch_k1_uses_the_unclamped_log_ratio():
+    # d = +-100 is far past LOG_RATIO_BOUND: k1 (no exp) must see all of it; k3 and the ratios stay clamped.
+    lt = torch.tensor([[0.0, -100.0, -1.0]])
+    lr = torch.tensor([[-100.0, 0.0, -3.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0]])
+    got = rc.mismatch_metrics(lt, lr, m)
+    assert got["kl"] == pytest.approx((-100.0 + 100.0 - 2.0) / 3)
+    one_sided = rc.mismatch_metrics(lt[:, :1], lr[:, :1], m[:, :1])
+    assert one_sided["kl"] == pytest.approx(-100.0)  # clamped, it would read -20
+    assert one_sided["k3_kl"] == pytest.approx(math.exp(20.0) - 1 - 20.0, rel=1e-5)
+    assert one_sided["token_mult_prob_error"] == pytest.approx(math.exp(20.0), rel=1e-5)
+
+
 def test_mismatch_metrics_identical_policies():
     lt, _, mask = _inputs(4, 9, seed=3)
     got = rc.mismatch_metrics(lt, lt.clone(), mask)
     assert got["kl"] == 0 and got["k3_kl"] == 0 and got["chi2_token"] == 0
+    assert got["token_mult_prob_error"] == 1
     assert got["ess"] == 1 and got["is_weight_mean"] == 1 and got["ppl_ratio"] == pytest.approx(1.0)
 
 

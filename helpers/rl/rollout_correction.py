@@ -228,20 +228,26 @@ def mismatch_metrics(
 ) -> dict[str, float]:
     """How far the rollout policy is from the training policy, over unmasked tokens only.
 
-    Returns floats (r_t = pi_train / pi_rollout per token, log-ratio clamped; w_t = min(r_t, threshold)):
+    Returns floats (d_t = logp_train - logp_rollout unclamped; r_t = exp(clamp(d_t, +-LOG_RATIO_BOUND));
+    w_t = min(r_t, threshold)):
 
-    * ``kl``: mean_t (logp_rollout - logp_train) - the k1 estimator of KL(pi_rollout || pi_train) on rollout samples;
-    * ``k3_kl``: mean_t (r_t - 1 - log r_t) - the non-negative k3 estimator of the same KL;
+    * ``kl``: mean_t (logp_rollout - logp_train) - the k1 estimator of KL(pi_rollout || pi_train) on rollout
+      samples, from the *unclamped* d_t (the bound keeps exp finite; k1 has no exp, so clamping would only bias it);
+    * ``k3_kl``: mean_t (r_t - 1 - log r_t) - the non-negative k3 estimator of the same KL (clamped log r_t);
+    * ``token_mult_prob_error``: mean_t exp(|d_t|) (NeMo-RL's metric; 1.0 = identical policies), clamped |d_t|;
     * ``training_ppl`` / ``rollout_ppl``: mean over sequences of exp(-mean_t logp) under each policy;
     * ``ppl_ratio``: mean over sequences of exp(mean_t logp_rollout - mean_t logp_train) (training / rollout ppl);
     * ``chi2_token``: E_t[r_t^2] - 1 - the chi-square divergence estimated on rollout samples;
     * ``is_weight_mean`` / ``_std`` / ``_min`` / ``_max``: of the truncated token weights w_t;
     * ``fraction_truncated``: fraction of tokens with r_t > threshold;
     * ``ess``: normalised effective sample size of w, (mean w)^2 / mean(w^2), in (0, 1].
+
+    All values are computed as tensors and brought to the host in one transfer.
     """
     c = _check_positive("threshold", threshold)
     m = _check_logps(mask, logp_train=logp_train, logp_rollout=logp_rollout)
     lt, lro = logp_train.detach().float(), logp_rollout.detach().float()
+    d = torch.where(m > 0, lt - lro, torch.zeros_like(lt))  # unclamped log-ratio, 0 on padding
     lr = log_ratio(lt, lro, m)
     r = torch.exp(lr)
     w = r.clamp(max=c)
@@ -250,22 +256,26 @@ def mismatch_metrics(
     mean_lro = masked_mean(lro, m, dim=-1)[has]
     w_mean = masked_mean(w, m)
     w_sq = masked_mean(w * w, m)
-    n = m.sum()
     masked = m > 0
-    return {
-        "kl": float(masked_mean(-lr, m)),  # k1: E[log pi_rollout - log pi_train]
-        "k3_kl": float(masked_mean(r - 1.0 - lr, m)),  # k3 = r - 1 - log r >= 0
-        "training_ppl": float(torch.exp(-mean_lt).mean()) if has.any() else float("nan"),
-        "rollout_ppl": float(torch.exp(-mean_lro).mean()) if has.any() else float("nan"),
-        "ppl_ratio": float(torch.exp(mean_lro - mean_lt).mean()) if has.any() else float("nan"),
-        "chi2_token": float(masked_mean(r * r, m) - 1.0),  # chi2(pi_train || pi_rollout) = E_rollout[r^2] - 1
-        "is_weight_mean": float(w_mean),
-        "is_weight_std": float((w_sq - w_mean**2).clamp(min=0).sqrt()),
-        "is_weight_min": float(w[masked].min()) if n > 0 else float("nan"),
-        "is_weight_max": float(w[masked].max()) if n > 0 else float("nan"),
-        "fraction_truncated": float(masked_mean((r > c).float(), m)),
-        "ess": float(w_mean**2 / w_sq) if n > 0 else float("nan"),  # ESS/N = (sum w)^2 / (N sum w^2)
+    nan = torch.full((), float("nan"), device=lt.device)
+    empty = not bool(masked.any())
+    vals = {
+        "kl": masked_mean(-d, m),  # k1: E[log pi_rollout - log pi_train], unclamped
+        "k3_kl": masked_mean(r - 1.0 - lr, m),  # k3 = r - 1 - log r >= 0
+        "token_mult_prob_error": masked_mean(torch.exp(lr.abs()), m) if not empty else nan,
+        "training_ppl": torch.exp(-mean_lt).mean() if not empty else nan,
+        "rollout_ppl": torch.exp(-mean_lro).mean() if not empty else nan,
+        "ppl_ratio": torch.exp(mean_lro - mean_lt).mean() if not empty else nan,
+        "chi2_token": masked_mean(r * r, m) - 1.0,  # chi2(pi_train || pi_rollout) = E_rollout[r^2] - 1
+        "is_weight_mean": w_mean,
+        "is_weight_std": (w_sq - w_mean**2).clamp(min=0).sqrt(),
+        "is_weight_min": w[masked].min() if not empty else nan,
+        "is_weight_max": w[masked].max() if not empty else nan,
+        "fraction_truncated": masked_mean((r > c).float(), m),
+        "ess": w_mean**2 / w_sq if not empty else nan,  # ESS/N = (sum w)^2 / (N sum w^2)
     }
+    host = torch.stack([v.float().reshape(()) for v in vals.values()]).tolist()  # one device -> host copy
+    return dict(zip(vals, host))
 
 
 def policy_loss(
@@ -292,6 +302,8 @@ def policy_loss(
         rollout_weights: [batch, seq] TIS weights from :func:`is_weights`, or None.
         clip: the PPO clip range epsilon > 0.
     """
+    from helpers.rl.losses import agg_loss, clipped_surrogate  # losses imports this module's masked_mean
+
     eps = _check_positive("clip", clip)
     m = _check_logps(mask, logp=logp, logp_old=logp_old)
     if not isinstance(advantages, torch.Tensor):
@@ -300,18 +312,14 @@ def policy_loss(
         advantages = advantages[:, None].expand_as(logp)  # one advantage per sequence, broadcast to its tokens
     if advantages.shape != logp.shape:
         raise ValueError(f"advantages must be [batch, seq] {tuple(logp.shape)} or [batch], got {tuple(advantages.shape)}")
-    adv = torch.where(m > 0, advantages.detach().float(), torch.zeros_like(m))
-    if not bool(torch.isfinite(adv).all()):
+    if not bool(torch.isfinite(torch.where(m > 0, advantages.detach().float(), torch.zeros_like(m))).all()):
         raise ValueError("advantages must be finite on unmasked tokens")
-    diff = torch.where(m > 0, logp - logp_old.detach(), torch.zeros_like(logp))
-    rho = torch.exp(diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-    loss = torch.maximum(-adv * rho, -adv * rho.clamp(1.0 - eps, 1.0 + eps))
     if rollout_weights is not None:
         if not isinstance(rollout_weights, torch.Tensor) or rollout_weights.shape != logp.shape:
             got = tuple(rollout_weights.shape) if isinstance(rollout_weights, torch.Tensor) else type(rollout_weights)
             raise ValueError(f"rollout_weights must be a [batch, seq] tensor {tuple(logp.shape)}, got {got}")
-        rw = torch.where(m > 0, rollout_weights.detach().to(loss.dtype), torch.zeros_like(loss))
+        rw = torch.where(m > 0, rollout_weights.detach().float(), torch.zeros_like(m))
         if not bool(torch.isfinite(rw).all()) or bool((rw < 0).any()):
             raise ValueError("rollout_weights must be finite and >= 0 on unmasked tokens")
-        loss = loss * rw
-    return masked_mean(loss, m)
+    loss, _ = clipped_surrogate(logp, logp_old, advantages, m, clip_low=eps, rollout_weights=rollout_weights)
+    return agg_loss(loss, m, "token-mean")
