@@ -4,7 +4,7 @@
 
 Each notebook runs in its own papermill process with an explicit kernel name (papermill #761: without one,
 venvs hit NoSuchKernel), a per-cell timeout, and its log in ``<out>/<notebook>/run.log``. Notebooks write their
-figures and ``metrics.json`` into ``<out>/<notebook>/`` through :class:`helpers.results.Results` (the runner sets
+figures and ``metrics.json`` into ``<out>/<notebook>/`` through :class:`helpers.core.results.Results` (the runner sets
 ``HELPERS_RESULTS_DIR=<out>``). The executed notebook is kept as ``executed.ipynb`` (also when it failed) and
 rendered to ``report.html``. Finally ``<out>/index.html`` and ``<out>/summary.csv`` are rebuilt from every
 ``metrics.json`` under ``<out>``.

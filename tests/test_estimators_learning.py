@@ -1,4 +1,4 @@
-"""Tests for helpers.pg_train: the exact return of the fast-lane task and seeded, repeatable training runs."""
+"""Tests for helpers.estimators.learning: the exact return of the fast-lane task and seeded, repeatable training runs."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Tests for helpers.markov_toy: the exact gradient, sampling, FP8 rounding and the estimator study."""
+"""Tests for helpers.estimators.markov: the exact gradient, sampling, FP8 rounding and the estimator study."""
 
 import math
 

@@ -42,7 +42,7 @@ def test_parameters_cell_and_structure(path):
     sources = "\n".join(c.source for c in nb.cells)
     assert any(c.cell_type == "markdown" and c.source.lstrip().startswith("## Result") for c in nb.cells), \
         f"{path.name}: needs a '## Result' section"
-    assert ".finalize()" in sources and "Results(" in sources, "writes metrics.json through helpers.results"
+    assert ".finalize()" in sources and "Results(" in sources, "writes metrics.json through helpers.core.results"
 
 
 @pytest.mark.notebooks

@@ -15,8 +15,10 @@ import numpy as np
 
 __all__ = ["PALETTE", "use_style", "subplots", "band"]
 
-# Colour-blind safe (Okabe-Ito); methods keep the same colour across figures of a notebook.
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+# Colour-blind safe (Okabe-Ito's eight, then brown and grey for figures with more methods); methods keep the same
+# colour across figures of a notebook, and no two methods of a figure share one.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000", "#8C564B",
+           "#7F7F7F"]
 
 _STYLE = {
     "figure.figsize": (7.0, 4.0),

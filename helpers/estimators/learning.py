@@ -19,7 +19,7 @@ rest of the sequence (the crash comes later than the decision) can undo it - the
 predicts.
 
 Each step samples ``batch`` sequences from the rollout copy, computes group-normalised advantages (GRPO), and takes
-one Adam step on :func:`helpers.rollout_correction.policy_loss` with the method's weights or rejection mask.
+one Adam step on :func:`helpers.rl.rollout_correction.policy_loss` with the method's weights or rejection mask.
 """
 
 from __future__ import annotations

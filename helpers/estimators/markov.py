@@ -10,7 +10,7 @@ enumeration for tiny V, T checks the recursion in the tests).
 The rollout policy ``mu`` uses perturbed logits (:func:`perturb_logits`: Gaussian noise of a given scale, or the
 rounding of the logits to FP8 e4m3). Sequences are sampled from ``mu``; the estimators of ``grad J`` (REINFORCE with
 the sequence reward shared by every token, as GRPO does) weight each token's score by the rollout-correction
-weights of :mod:`helpers.rollout_correction` and are compared with the exact gradient in :func:`estimator_study`.
+weights of :mod:`helpers.rl.rollout_correction` and are compared with the exact gradient in :func:`estimator_study`.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def sequence_rewards(x: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
 
 def estimator_weights(est: Estimator, logp_train: torch.Tensor, logp_rollout: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-    """Per-token weights [n, T] of estimator ``est`` computed with :mod:`helpers.rollout_correction`."""
+    """Per-token weights [n, T] of estimator ``est`` computed with :mod:`helpers.rl.rollout_correction`."""
     if est.kind == "none":
         return mask.float().clone()
     if est.kind == "is":
