@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import helpers  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
-from helpers.fp8 import Fp8Linear, dequant_weight, quant_act, quant_weight, quantize_model, requantize_model_
+from helpers.fp8 import (Fp8Linear, block_fp8_matmul, dequant_weight, quant_act, quant_weight, quantize_model,
+                         requantize_model_)
 from helpers.core.timing import peak_rss_delta
 from helpers.fp8.linear import DEFAULT_SKIP, fp8_linears
 
@@ -275,3 +276,70 @@ def test_triton_interpreter_backend_matches_torch():
     assert_same_bits(a.weight_scale_inv, b.weight_scale_inv)
     # Same quantized operands; the interpreter's tl.dot and torch's matmul may sum in different orders.
     torch.testing.assert_close(y_b, a(x), rtol=1e-5, atol=1e-5)
+
+
+# -- the bf16 fast path --------------------------------------------------------------------------------------------
+def test_dequant_act_bits_equal_torch_cast_including_subnormals_and_ragged_k():
+    from helpers.fp8.linear import _dequant_act_f32
+
+    g = torch.Generator().manual_seed(4)
+    # Magnitudes over 12 decades so that many groups hold e4m3 subnormal codes; K = 200 leaves a ragged group.
+    x = torch.randn(9, 200, generator=g) * torch.logspace(-6, 6, 200)[None, :]
+    for scale_fmt in ("fp32", "ue8m0"):
+        q, s = quant_act(x, 128, scale_fmt=scale_fmt, backend="torch")
+        ref = q.float() * s.repeat_interleave(128, dim=1)[:, :200]
+        assert torch.equal(_dequant_act_f32(q, s, 128), ref)
+    every_code = torch.arange(256, dtype=torch.uint8).view(FP8).reshape(2, 128)
+    finite = ~torch.isnan(every_code.float())
+    got = _dequant_act_f32(every_code, torch.ones(2, 1), 128)
+    assert torch.equal(got[finite], every_code.float()[finite])
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_path_against_exact_block_gemm(k, n, scale_fmt, x_dtype):
+    lin = make_linear(k, n, bias=False)
+    exact = Fp8Linear.from_linear(lin, scale_fmt=scale_fmt, backend="torch")
+    fast = Fp8Linear.from_linear(lin, scale_fmt=scale_fmt, backend="torch", gemm="bf16")
+    assert (exact.gemm, fast.gemm) == ("exact", "bf16") and "gemm='bf16'" in repr(fast)
+    assert_same_bits(exact.weight, fast.weight)
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
+    xq, xs = quant_act(x, 128, scale_fmt=scale_fmt, backend="torch")
+    y_exact = block_fp8_matmul(xq, xs, exact.weight, exact.weight_scale_inv, out_dtype=torch.float32, backend="torch")
+    y_fast = fast(x)
+    assert y_fast.dtype == x_dtype
+    x_deq = xq.double() * xs.double().repeat_interleave(128, dim=1)[:, :k]
+    w_deq = dequant_weight(exact.weight, exact.weight_scale_inv).double()
+    mag = x_deq.abs() @ w_deq.abs().T  # bound on every partial sum
+    u = 2.0**-8  # bf16 unit roundoff (8 significant bits)
+    # Derived bound: the output's rounding to bf16 (u |y|), fp32 accumulation in either GEMM (K 2^-24 each), and
+    # with fp32 scales the rounding of both dequantized operands to bf16 (2u + u^2 of sum |x||w|); ue8m0 operands
+    # are exact in bf16.
+    operand = (2 * u + u * u) if scale_fmt == "fp32" else 0.0
+    bound = u * y_exact.double().abs() + (operand + 2 * k * 2.0**-24) * mag + 1e-30
+    err = (y_fast.double() - y_exact.double()).abs()
+    assert bool((err <= bound * 1.0001).all()), float((err / bound).max())
+
+
+def test_bf16_path_follows_every_weight_update():
+    lin = make_linear(64, 48)
+    fast = Fp8Linear.from_linear(lin, backend="torch", gemm="bf16")
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    y0 = fast(x)
+    new = make_linear(64, 48, seed=9)
+    fast.requantize_(new.weight.detach())  # native in-place write: no version bump, the sync counter catches it
+    ref = Fp8Linear.from_linear(new, backend="torch", gemm="bf16")
+    ref.bias.data.copy_(fast.bias)
+    assert not torch.equal(fast(x), y0) and torch.equal(fast(x), ref(x))
+    fast.load_state_dict(Fp8Linear.from_linear(lin, backend="torch").state_dict())  # copy_: a version bump
+    assert torch.equal(fast(x), y0)
+
+
+def test_gemm_path_validated():
+    with pytest.raises(ValueError, match="gemm"):
+        Fp8Linear(64, 64, gemm="fp16")
+    with pytest.raises(ValueError, match="gemm"):
+        quantize_model(_toy(0), gemm="fast")
+    model = quantize_model(_toy(0), backend="torch", gemm="bf16")
+    assert {m.gemm for m in fp8_linears(model).values()} == {"bf16"}

@@ -12,7 +12,18 @@ Storage of one :class:`Fp8Linear` (the layout vLLM / SGLang load for DeepSeek-V3
 * ``bias``             optional [N] parameter, kept in high precision (never quantized).
 
 The forward quantizes activations dynamically in 1 x ``bk`` per-token groups along K (so the activation groups line
-up with the weight's K blocks) and runs the block-scaled GEMM with an fp32 accumulator.
+up with the weight's K blocks) and multiplies with one of two GEMM paths, chosen per layer by ``gemm`` (an attribute,
+so the path that ran is visible; see :data:`GEMM_PATHS`):
+
+* ``"exact"`` - :func:`helpers.fp8.block_fp8_matmul`: the block-scaled GEMM, per K tile
+  ``acc += (x_tile @ w_tile.T) * x_scale * w_scale`` in fp32 (what DeepGEMM / vLLM compute).
+* ``"bf16"`` - the CPU fast path: the same FP8 codes and scales, dequantized to bf16 (the weight once per sync,
+  cached; the activation per call), then one bf16 GEMM with fp32 accumulation inside. An FP8 code has 4
+  significant bits, so with ``scale_fmt="ue8m0"`` (power-of-two scales) both dequantized operands are *exact* in
+  bf16 and the product differs from ``"exact"`` only by summation order and the final rounding of the output to
+  bf16; with fp32 scales each dequantized element is additionally rounded to bf16 (relative error <= 2^-9, far
+  below e4m3's own 2^-4 step). Measured costs are in notebook 05. On these CPUs (AVX512-BF16) a bf16 GEMM is
+  ~4.5x faster than an fp32 one, and the exact path's per-tile fp32 loop is 8-12x slower than ``nn.Linear``.
 
 Weight sync (veRL issues #4641, #5683, #6112: OOM from materialising a second, fully quantized model at every sync):
 :func:`requantize_model_` walks the incoming high-precision tensors one at a time - a ``state_dict`` or a stream of
@@ -31,9 +42,13 @@ import torch
 from torch import nn
 
 from helpers.fp8.format import DEFAULT_BLOCK, FP8_DTYPE, check_block_size, check_scale_fmt
-from helpers.fp8.quant import block_fp8_matmul, quant_act, quant_weight
+from helpers.fp8.quant import block_fp8_matmul, dequant_weight, quant_act, quant_weight
 
-__all__ = ["DEFAULT_SKIP", "Fp8Linear", "quantize_model", "requantize_model_", "fp8_linears"]
+__all__ = ["DEFAULT_SKIP", "GEMM_PATHS", "Fp8Linear", "quantize_model", "requantize_model_", "fp8_linears"]
+
+# The forward's GEMM paths (module docstring): the exact block-scaled GEMM, or bf16 operands dequantized from the
+# same codes (fast on CPUs with bf16 matrix units).
+GEMM_PATHS = ("exact", "bf16")
 
 
 # Module-name patterns (``re.search`` on the qualified name) kept in high precision by :func:`quantize_model`,
@@ -50,6 +65,31 @@ DEFAULT_SKIP: tuple[str, ...] = (
 )
 
 
+# e4m3 codes -> fp32 on the integer bits (torch's fp8 -> float cast runs ~3 ns per element on the CPU, 3-4x slower
+# than these three vectorised integer ops). Shifting the sign-extended code left by 20 = 23 - 3 mantissa bits puts
+# its 4 exponent bits at the bottom of fp32's exponent field and its 3 mantissa bits at the top of fp32's mantissa;
+# the mask keeps the sign (bit 31) and those 7 bits. The fp32 read of these bits is the e4m3 value times
+# 2 ** (7 - 127) for normal *and* subnormal codes (an e4m3 subnormal lands on an fp32 subnormal with the same
+# mantissa), so one multiplication by 2 ** 120 restores it exactly (a separate, in-place step: folded into the scale
+# it would overflow fp32 for scales >= 2 ** 8). The NaN codes read as
+# 480 instead of NaN; their group's scale is NaN or inf (quant_act), which still makes the result non-finite.
+_E4M3_TO_F32_SHIFT = 20
+_E4M3_F32_MASK = -0x78100000  # 0x87F00000 as a signed int32
+_E4M3_F32_UNBIAS = 2.0**120
+
+
+def _dequant_act_f32(x_fp8: torch.Tensor, x_scale: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 [M, K] = ``x_fp8`` [M, K] (e4m3) times its per-group scale ``x_scale`` [M, ceil(K / group)]."""
+    M, K = x_fp8.shape
+    kb = x_scale.shape[-1]
+    bits = ((x_fp8.view(torch.int8).to(torch.int32) << _E4M3_TO_F32_SHIFT) & _E4M3_F32_MASK).view(torch.float32)
+    codes = bits.mul_(_E4M3_F32_UNBIAS)  # the e4m3 values, exactly, in fp32
+    if kb * group != K:
+        codes = torch.nn.functional.pad(codes, (0, kb * group - K))  # a ragged last group: zero codes fill it
+    x = codes.view(M, kb, group) * x_scale[..., None]
+    return x.view(M, kb * group)[:, :K]
+
+
 class Fp8Linear(nn.Module):
     """``y = x @ W.T + b`` with W stored as blockwise-scaled FP8 and x quantized 1 x bk per token on the fly.
 
@@ -59,6 +99,8 @@ class Fp8Linear(nn.Module):
         block_size: ``(bn, bk)`` weight block; activations use groups of ``bk`` along K.
         scale_fmt: ``"fp32"`` scales or ``"ue8m0"`` (power-of-two) scales, for weights and activations alike.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` for the quantizer and the GEMM.
+        gemm: ``"exact"`` (block-scaled GEMM) or ``"bf16"`` (dequantized bf16 GEMM, the CPU fast path); see the
+            module docstring for what each computes. The attribute ``gemm`` says which path the forward runs.
 
     A freshly constructed layer holds zero codes and unit scales; fill it with :meth:`from_linear` or
     :func:`requantize_model_`. Forward: ``x`` [..., K] (fp32 / bf16 / fp16) -> ``y`` [..., N] in ``x.dtype``.
@@ -71,8 +113,12 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  block_size: Sequence[int] = DEFAULT_BLOCK, scale_fmt: str = "fp32", backend: str = "auto",
-                 bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 gemm: str = "exact") -> None:
         super().__init__()
+        if gemm not in GEMM_PATHS:
+            raise ValueError(f"gemm must be one of {GEMM_PATHS}, got {gemm!r}")
+        self.gemm = gemm
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features = int(in_features)
@@ -88,10 +134,16 @@ class Fp8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # The bf16 path's dequantized weight, rebuilt when the FP8 storage changes: requantize_ bumps _syncs (the
+        # native quantizer writes through raw pointers, which torch's version counters do not see); copy_ /
+        # load_state_dict bump the buffers' _version.
+        self._syncs = 0
+        self._w_bf16: torch.Tensor | None = None
+        self._w_bf16_key: tuple[int, int, int] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: Sequence[int] = DEFAULT_BLOCK, scale_fmt: str = "fp32",
-                    backend: str = "auto") -> "Fp8Linear":
+                    backend: str = "auto", gemm: str = "exact") -> "Fp8Linear":
         """Quantize an ``nn.Linear`` (weight [N, K], any float dtype) into a new :class:`Fp8Linear` on the same
         device; the bias is copied in its own dtype. Raises ValueError if a weight block is not finite."""
         if not isinstance(linear, nn.Linear):
@@ -99,7 +151,8 @@ class Fp8Linear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, block_size=block_size,
                     scale_fmt=scale_fmt, backend=backend,
-                    bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32, device=w.device)
+                    bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32, device=w.device,
+                    gemm=gemm)
         layer.requantize_(w.detach())
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
@@ -126,6 +179,17 @@ class Fp8Linear(nn.Module):
                          out=self.weight, scale_out=self.weight_scale_inv)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
+        finally:
+            self._syncs += 1  # even a failed sync may have written some blocks: the bf16 cache is stale either way
+
+    def dequantized_weight_bf16(self) -> torch.Tensor:
+        """The bf16 [N, K] weight the ``"bf16"`` path multiplies with: ``bf16(weight * weight_scale_inv)``, cached
+        until the FP8 storage changes (exact for ue8m0 scales, one bf16 rounding per element for fp32 scales)."""
+        key = (self._syncs, self.weight._version, self.weight_scale_inv._version)
+        if self._w_bf16 is None or self._w_bf16_key != key:
+            self._w_bf16 = dequant_weight(self.weight, self.weight_scale_inv, self.weight_block_size).to(torch.bfloat16)
+            self._w_bf16_key = key
+        return self._w_bf16
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,16 +197,22 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"x must have last dim in_features={self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        x_fp8, x_scale = quant_act(x2, self.weight_block_size[1], scale_fmt=self.scale_fmt, backend=self.backend)
-        y = block_fp8_matmul(x_fp8, x_scale, self.weight, self.weight_scale_inv, block_size=self.weight_block_size,
-                             out_dtype=x.dtype, backend=self.backend)  # [M, N]
+        bk = self.weight_block_size[1]
+        x_fp8, x_scale = quant_act(x2, bk, scale_fmt=self.scale_fmt, backend=self.backend)
+        if self.gemm == "exact":
+            y = block_fp8_matmul(x_fp8, x_scale, self.weight, self.weight_scale_inv,
+                                 block_size=self.weight_block_size, out_dtype=x.dtype, backend=self.backend)  # [M, N]
+        else:
+            x_deq = _dequant_act_f32(x_fp8, x_scale, bk)  # [M, K] fp32 (exact for ue8m0 scales)
+            y = (x_deq.to(torch.bfloat16) @ self.dequantized_weight_bf16().T).to(x.dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_block_size={self.weight_block_size}, scale_fmt={self.scale_fmt!r}, backend={self.backend!r}")
+                f"weight_block_size={self.weight_block_size}, scale_fmt={self.scale_fmt!r}, backend={self.backend!r}, "
+                f"gemm={self.gemm!r}")
 
 
 def fp8_linears(model: nn.Module) -> dict[str, Fp8Linear]:
@@ -158,25 +228,28 @@ def _skipped(name: str, module: nn.Module, skip: Sequence[str] | Callable[[str, 
 
 def quantize_model(model: nn.Module, *, skip: Sequence[str] | Callable[[str, nn.Module], bool] = DEFAULT_SKIP,
                    block_size: Sequence[int] = DEFAULT_BLOCK, scale_fmt: str = "fp32",
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", gemm: str = "exact") -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` whose qualified name matches none of ``skip`` by an
     :class:`Fp8Linear` (see :data:`DEFAULT_SKIP`: embeddings, lm_head, norms, MoE routers stay high precision).
 
     ``skip`` is a sequence of regular expressions searched in the module's qualified name, or a predicate
     ``(name, module) -> bool``. Layers are quantized one at a time and each high-precision weight is released as
-    its layer is swapped (peak extra memory: one layer). Returns ``model``.
+    its layer is swapped (peak extra memory: one layer). ``gemm`` picks every layer's forward path
+    (:data:`GEMM_PATHS`). Returns ``model``.
     """
     if isinstance(model, nn.Linear):
         raise ValueError("model is itself an nn.Linear and cannot be swapped in place; use Fp8Linear.from_linear")
     block_size = check_block_size(block_size)
     check_scale_fmt(scale_fmt)
+    if gemm not in GEMM_PATHS:
+        raise ValueError(f"gemm must be one of {GEMM_PATHS}, got {gemm!r}")
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and not _skipped(name, m, skip)]
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         try:
-            fp8 = Fp8Linear.from_linear(lin, block_size=block_size, scale_fmt=scale_fmt, backend=backend)
+            fp8 = Fp8Linear.from_linear(lin, block_size=block_size, scale_fmt=scale_fmt, backend=backend, gemm=gemm)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from exc
         setattr(parent, child, fp8)
