@@ -82,5 +82,6 @@ def test_environment_info_records_versions_and_device():
         torch.__version__.split("+")[0])
     assert info["versions"]["triton"]
     assert info["backend"] in ("triton", "torch")
+    assert isinstance(info["cpu_model"], str) and info["cpu_model"]
     text = runtime.describe_environment()
     assert "device:" in text and "torch" in text

@@ -112,6 +112,19 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): CPU benchmark figures depend on it
+    (cache sizes decide whether a "memory copy" runs from DRAM or from L3)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment_info() -> dict[str, Any]:
     """Device, backend and library versions, as recorded in every ``metrics.json``."""
     info: dict[str, Any] = {
@@ -120,6 +133,7 @@ def environment_info() -> dict[str, Any]:
         "backend": resolve_backend("auto"),
         "triton_mode": "interpreter" if triton_interpreted() else "compiled",
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "platform": platform.platform(),
@@ -140,7 +154,7 @@ def describe_environment() -> str:
     gpu = info["gpu"] or "no GPU"
     return (
         f"device: {info['device']} ({gpu}); default backend: {info['backend']}; "
-        f"triton: {info['triton_mode']}; {info['cpu_count']} CPU cores; python {info['python']}\n"
+        f"triton: {info['triton_mode']}; {info['cpu_count']} CPU cores ({info['cpu_model']}); python {info['python']}\n"
         f"versions: {versions}\ncommit: {info['git_commit']}"
     )
 
