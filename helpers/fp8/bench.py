@@ -1,8 +1,9 @@
 """Benchmarks for notebook 01 (benchmarks, not tests: nothing here asserts a time).
 
-* :func:`requant_benchmark` - the per-RL-step weight sync on the CPU: time to re-quantize a model's worth of
-  high-precision linear weights into existing FP8 storage (:func:`helpers.fp8.requantize_model_`) beside
-  ``torch.Tensor.copy_`` of the same source bytes in the same process - the physical limit of a memory-bound pass.
+* :func:`requant_benchmark` - the per-RL-step weight sync on the CPU (notebook 01) or a GPU
+  (:mod:`helpers.gpu_bench`): time to re-quantize a model's worth of high-precision linear weights into existing
+  FP8 storage (:func:`helpers.fp8.requantize_model_`) beside ``torch.Tensor.copy_`` of the same source bytes in
+  the same process - the physical limit of a memory-bound pass.
 * :func:`gemm_benchmark` - on a GPU, ``block_fp8_matmul`` vs bf16 ``torch.matmul`` and ``torch._scaled_mm`` with
   block scales, on Qwen3-8B projection shapes, in TFLOP/s beside the device's FP8 peak (:func:`fp8_peak_tflops`).
   The timing function is a parameter (``triton.testing.do_bench`` by default) so the same code runs on the CPU in a
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from helpers.core.timing import median_time, peak_rss_delta, time_quantiles
+from helpers.core.timing import peak_rss_delta, time_quantiles
 from helpers.fp8 import reference
 from helpers.fp8.linear import Fp8Linear, requantize_model_
 from helpers.fp8.quant import block_fp8_matmul, quant_act, quant_weight
@@ -59,36 +60,62 @@ def fp8_peak_tflops(name: str | None = None) -> float | None:
 
 
 # -- weight sync -------------------------------------------------------------------------------------------------
+def _peak_extra_bytes(fn: Callable[[], object], dev: torch.device) -> int | None:
+    """Bytes by which one call of ``fn`` raises peak memory above what was in use before it: the process's RSS on
+    the CPU (:func:`helpers.core.timing.peak_rss_delta`), allocated CUDA memory on a GPU."""
+    if dev.type != "cuda":
+        return peak_rss_delta(fn)[1]
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return max(0, torch.cuda.max_memory_allocated(dev) - before)
+
+
 def requant_benchmark(sizes_gb: Sequence[float], *, layer_shape: tuple[int, int] = (4096, 4096),
                       dtype: torch.dtype = torch.bfloat16, scale_fmt: str = "fp32", backend: str = "torch",
                       repeats: int = 3, warmup: int = 1, measure_rss: bool = True, seed: int = 0,
+                      device: torch.device | str = "cpu", bench: Callable | None = None,
                       progress: Callable | None = None) -> pd.DataFrame:
     """Weight-sync cost on this machine: re-quantize ``size`` GB of ``dtype`` weights vs copy the same bytes.
 
-    For each size, ``round(size / layer bytes)`` (at least 1) weights of ``layer_shape`` [N, K] are built, an FP8
-    model of :class:`Fp8Linear` layers is quantized from them once, and then, median of ``repeats`` after ``warmup``:
+    For each size, ``round(size / layer bytes)`` (at least 1) weights of ``layer_shape`` [N, K] are built on
+    ``device``, an FP8 model of :class:`Fp8Linear` layers is quantized from them once, and then, median (and 20th /
+    80th percentiles) of ``repeats`` after ``warmup``:
 
     * ``requant_s``: :func:`requantize_model_` from the high-precision state dict (codes and scales written into the
       existing FP8 storage, layer by layer);
     * ``copy_s``: ``dst.copy_(src)`` for every weight into preallocated tensors of the same dtype and shape (the
-      memory-bandwidth floor for a pass that reads those bytes).
+      memory-bandwidth floor for a pass that reads those bytes; on a GPU, a device-to-device copy).
+
+    ``bench(fn, quantiles=[0.5, 0.2, 0.8]) -> [ms, ms, ms]`` times each pass (default: the host timer
+    :func:`helpers.core.timing.time_quantiles` with ``repeats`` / ``warmup``; on a GPU pass
+    ``triton.testing.do_bench``).
 
     Returns one row per size: ``size_gb`` (actual high-precision bytes / 1e9), ``layers``, ``requant_s``,
-    ``copy_s``, ``requant_gbps`` / ``copy_gbps`` (source GB per second), ``ratio`` (= requant_s / copy_s),
-    ``peak_extra_mb`` (peak RSS above the pre-sync RSS during one sync, None if unavailable),
-    ``layer_mb`` (one layer's high-precision bytes, the bound the streaming design aims for), ``threads``,
-    ``quantizer`` (the implementation that ran: ``"native"`` C kernel, ``"torch"`` fallback, or ``"triton"``).
+    ``copy_s`` (medians) and their ``*_p20`` / ``*_p80``, ``requant_gbps`` / ``copy_gbps`` (source GB per second,
+    from the medians), ``ratio`` (= requant_s / copy_s), ``peak_extra_mb`` (during one sync: on the CPU, peak RSS
+    above the pre-sync RSS; on a GPU, peak allocated CUDA memory above the pre-sync allocation; None if
+    unavailable or ``measure_rss=False``), ``layer_mb`` (one layer's high-precision bytes, the bound the streaming
+    design aims for), ``threads``, ``quantizer`` (the implementation that ran: ``"native"`` C kernel, ``"torch"``
+    fallback, or ``"triton"``), ``device``.
     """
     n, k = layer_shape
+    dev = torch.device(device)
     layer_bytes = n * k * torch.empty(0, dtype=dtype).element_size()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    if bench is None:
+        def bench(fn: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
+            return [t * 1e3 for t in time_quantiles(fn, repeats=repeats, warmup=warmup, quantiles=quantiles)]
     rows = []
     it = progress(sizes_gb) if progress is not None else sizes_gb
     for size in it:
         n_layers = max(1, round(size * GB / layer_bytes))
-        state = {f"layers.{i}.weight": (torch.randn(n, k, generator=g) * 0.02).to(dtype) for i in range(n_layers)}
+        state = {f"layers.{i}.weight": (torch.randn(n, k, generator=g, device=dev) * 0.02).to(dtype)
+                 for i in range(n_layers)}
         model = nn.Module()
-        model.layers = nn.ModuleList(Fp8Linear(k, n, bias=False, scale_fmt=scale_fmt, backend=backend)
+        model.layers = nn.ModuleList(Fp8Linear(k, n, bias=False, scale_fmt=scale_fmt, backend=backend, device=dev)
                                      for _ in range(n_layers))
         requantize_model_(model, state)  # fills the storage (and warms the allocator) once
         dst = [torch.empty_like(w) for w in state.values()]
@@ -101,16 +128,19 @@ def requant_benchmark(sizes_gb: Sequence[float], *, layer_shape: tuple[int, int]
             for d, s in zip(dst, src):
                 d.copy_(s)
 
-        requant_s = median_time(sync, repeats=repeats, warmup=warmup)
-        copy_s = median_time(copy, repeats=repeats, warmup=warmup)
-        peak = peak_rss_delta(sync)[1] if measure_rss else None
+        requant_s, requant_p20, requant_p80 = (t / 1e3 for t in bench(sync, quantiles=[0.5, 0.2, 0.8]))
+        copy_s, copy_p20, copy_p80 = (t / 1e3 for t in bench(copy, quantiles=[0.5, 0.2, 0.8]))
+        peak = _peak_extra_bytes(sync, dev) if measure_rss else None
         total = n_layers * layer_bytes
         rows.append({"size_gb": total / GB, "layers": n_layers, "requant_s": requant_s, "copy_s": copy_s,
+                     "requant_s_p20": requant_p20, "requant_s_p80": requant_p80,
+                     "copy_s_p20": copy_p20, "copy_s_p80": copy_p80,
                      "requant_gbps": total / GB / requant_s, "copy_gbps": total / GB / copy_s,
                      "ratio": requant_s / copy_s,
                      "peak_extra_mb": None if peak is None else peak / 1e6, "layer_mb": layer_bytes / 1e6,
                      "threads": torch.get_num_threads(),
-                     "quantizer": reference.quantizer_impl(src[0], (128, 128)) if backend == "torch" else backend})
+                     "quantizer": reference.quantizer_impl(src[0], (128, 128)) if backend == "torch" else backend,
+                     "device": str(dev)})
         del state, model, dst, src
     return pd.DataFrame(rows)
 

@@ -1,0 +1,172 @@
+"""The GPU runner's benchmark: ``python -m helpers.gpu_bench --out results/gpu`` (``make gpu-bench``).
+
+On a CUDA machine it times, with ``triton.testing.do_bench`` (median and 20th / 80th percentiles, in ms):
+
+* ``gemm.csv`` - the block-scaled FP8 GEMM (:func:`helpers.fp8.block_fp8_matmul`, compiled Triton) in TFLOP/s
+  beside bf16 ``torch.matmul`` and ``torch._scaled_mm`` with block scales where this build accepts them, on the
+  Qwen3-8B projections (:func:`helpers.fp8.bench.gemm_benchmark`); ``bench.json`` holds the device's dense FP8
+  peak (:func:`helpers.fp8.bench.fp8_peak_tflops`) to read them against;
+* ``requant.csv`` - the per-RL-step weight sync (:func:`helpers.fp8.requantize_model_` with the Triton quantizer)
+  in GB/s beside a device-to-device ``copy_`` of the same bytes (:func:`helpers.fp8.bench.requant_benchmark`);
+* ``attention.csv`` - decode attention over the FP8 KV cache vs the BF16 cache at 1k-32k context
+  (:func:`attention_benchmark`), once the FP8 decode-attention kernel is in the package;
+
+and writes ``bench.json``: the device name, compute capability, driver, CUDA / torch / triton versions and git
+commit (:func:`helpers.core.runtime.environment_info` plus the CUDA fields), the parameters, and headline metrics
+``gpu_bench/<name>``. (Not ``metrics.json``: the gallery reads that name as a notebook's results.)
+
+Without a CUDA device it writes nothing, prints why, and exits with :data:`NO_GPU_EXIT`: a GPU job on a runner
+whose GPU has gone missing fails instead of passing with nothing measured. :func:`run_benchmarks` takes the timing
+function and the shapes as arguments, so a CPU test runs the same code under the Triton interpreter with tiny
+shapes (``tests/test_fp8_bench.py``); only :func:`main` insists on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import helpers  # noqa: F401  (sets TRITON_INTERPRET on CPU before triton is imported)
+import pandas as pd
+import torch
+
+from helpers.core import runtime
+from helpers.fp8.bench import QWEN3_8B_GEMMS, fp8_peak_tflops, gemm_benchmark, requant_benchmark
+
+__all__ = ["NO_GPU_EXIT", "NO_GPU_MESSAGE", "FULL", "QUICK", "cuda_info", "run_benchmarks", "main"]
+
+# Exit status of ``main`` (and so of ``make gpu-test`` / ``make gpu-bench``) without a CUDA device: distinct from
+# pytest's 1-5 and make's 2, so a script can tell "no GPU here" from "a check failed".
+NO_GPU_EXIT = 7
+NO_GPU_MESSAGE = ("no CUDA device: torch.cuda.is_available() is False (no NVIDIA GPU or driver, or a CPU-only torch "
+                  "build). The GPU tier and benchmark need one; nothing was run or written.")
+
+# What a run measures. FULL is the GPU runner's job (a few minutes on an H100-class GPU); QUICK is a minute-long
+# check of the same code paths. M = 1 and 16 are decode batches, 128-4096 prefill / training micro-batches; 8 GB of
+# bf16 weights is about half of Qwen3-8B (16.4 GB), enough to saturate HBM; contexts span the 1k-32k rollouts.
+FULL: dict[str, Any] = {"ms": (1, 16, 128, 1024, 4096), "requant_sizes_gb": (0.5, 2.0, 8.0),
+                        "contexts": (1024, 4096, 16384, 32768), "decode_batch": 16}
+QUICK: dict[str, Any] = {"ms": (1, 128, 4096), "requant_sizes_gb": (0.5,), "contexts": (1024, 8192),
+                         "decode_batch": 4}
+
+
+def _nvidia_smi(field: str) -> str | None:
+    """One ``nvidia-smi --query-gpu`` field of GPU 0 (e.g. ``driver_version``), or None without nvidia-smi."""
+    try:
+        proc = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return lines[0].strip() if proc.returncode == 0 and lines else None
+
+
+def cuda_info() -> dict[str, Any]:
+    """The GPU fields a benchmark figure is meaningless without: name, compute capability, memory, driver, the CUDA
+    version torch was built with, and the dense FP8 peak used as the roofline (None where unknown)."""
+    if not runtime.has_cuda():
+        return {"gpu": None}
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "capability": list(torch.cuda.get_device_capability(0)),
+            "memory_gb": props.total_memory / 1e9, "sm_count": props.multi_processor_count,
+            "driver": _nvidia_smi("driver_version"), "cuda": torch.version.cuda,
+            "fp8_peak_tflops": fp8_peak_tflops(props.name)}
+
+
+def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame | None,
+              peak: float | None) -> dict[str, float]:
+    """``gpu_bench/*`` metrics: best TFLOP/s per method, its fraction of the FP8 peak, the largest sync's GB/s
+    and its ratio to the copy, and the FP8 / BF16 decode-attention time ratio at the longest context."""
+    m: dict[str, float] = {}
+    for method, t in gemm.groupby("method")["tflops"].max().items():
+        if t == t:  # NaN: a method that did not run here
+            m[f"gpu_bench/gemm_{method}_best_tflops"] = float(t)
+    best_fp8 = m.get("gpu_bench/gemm_fp8_block_best_tflops")
+    if peak and best_fp8 is not None:
+        m["gpu_bench/gemm_fp8_block_best_fraction_of_peak"] = best_fp8 / peak
+    last = requant.iloc[-1]
+    m["gpu_bench/requant_gbps"] = float(last["requant_gbps"])
+    m["gpu_bench/copy_gbps"] = float(last["copy_gbps"])
+    m["gpu_bench/requant_over_copy"] = float(last["ratio"])
+    if attention is not None and len(attention):
+        longest = attention[attention["context"] == attention["context"].max()].set_index("cache")["ms"]
+        if {"fp8", "bf16"} <= set(longest.index):
+            m["gpu_bench/attention_fp8_over_bf16_longest"] = float(longest["fp8"] / longest["bf16"])
+    return m
+
+
+def run_benchmarks(out: str | Path, *, device: torch.device | str, bench: Callable,
+                   shapes: Mapping[str, tuple[int, int]] = QWEN3_8B_GEMMS, ms: Sequence[int] = FULL["ms"],
+                   requant_sizes_gb: Sequence[float] = FULL["requant_sizes_gb"],
+                   requant_layer: tuple[int, int] = (4096, 4096), contexts: Sequence[int] = FULL["contexts"],
+                   decode_batch: int = FULL["decode_batch"], backend: str = "triton",
+                   seed: int = 0) -> dict[str, Any]:
+    """Run every benchmark on ``device`` and write ``gemm.csv``, ``requant.csv``, ``attention.csv`` (when the FP8
+    decode-attention kernel exists) and ``bench.json`` under ``out``; return the ``bench.json`` record.
+
+    ``bench(fn, quantiles=[0.5, 0.2, 0.8]) -> [ms, ms, ms]``: ``triton.testing.do_bench`` on a GPU,
+    :func:`helpers.fp8.bench.wall_clock_bench` for a CPU test. ``backend`` is the FP8 path timed (``"triton"``:
+    compiled on a GPU, interpreted on the CPU). Raises ValueError on an empty ``ms`` / ``requant_sizes_gb`` /
+    ``contexts`` or a non-positive size, before anything is timed or written.
+    """
+    for name, values in (("ms", ms), ("requant_sizes_gb", requant_sizes_gb), ("contexts", contexts)):
+        if len(values) == 0 or any(v <= 0 for v in values):
+            raise ValueError(f"{name} must be a non-empty sequence of positive numbers, got {list(values)!r}")
+    if decode_batch < 1:
+        raise ValueError(f"decode_batch must be >= 1, got {decode_batch!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    gemm = gemm_benchmark(shapes, ms, device=dev, bench=bench, backend=backend, seed=seed)
+    gemm.to_csv(out / "gemm.csv", index=False)
+    requant = requant_benchmark(requant_sizes_gb, layer_shape=requant_layer, backend=backend, device=dev,
+                                bench=bench, seed=seed)
+    requant.to_csv(out / "requant.csv", index=False)
+    attention = None  # the FP8 decode-attention kernel is not in the package yet (helpers/kvcache/attention.py)
+    info = {**runtime.environment_info(), **cuda_info()}
+    params = {"shapes": {k: list(v) for k, v in shapes.items()}, "ms": list(ms),
+              "requant_sizes_gb": list(requant_sizes_gb), "requant_layer": list(requant_layer),
+              "contexts": list(contexts), "decode_batch": decode_batch, "backend": backend, "seed": seed,
+              "timer": getattr(bench, "__module__", "") + "." + getattr(bench, "__name__", repr(bench))}
+    record = {"environment": info, "params": params,
+              "metrics": _headline(gemm, requant, attention, info.get("fp8_peak_tflops")),
+              "files": sorted(p.name for p in out.glob("*.csv"))}
+    (out / "bench.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``--out DIR`` (default ``results/gpu``), ``--quick``, ``--check`` (only report the GPU)."""
+    p = argparse.ArgumentParser(prog="python -m helpers.gpu_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(runtime.REPO_ROOT / "results" / "gpu"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and sizes (about a minute)")
+    p.add_argument("--check", action="store_true", help="only check that a CUDA device is usable, and name it")
+    args = p.parse_args(argv)
+    if not runtime.has_cuda():
+        print(f"gpu_bench: {NO_GPU_MESSAGE}", file=sys.stderr)
+        return NO_GPU_EXIT
+    if runtime.triton_interpreted():
+        print("gpu_bench: TRITON_INTERPRET is set; unset it so the kernels are compiled for the GPU", file=sys.stderr)
+        return NO_GPU_EXIT
+    info = cuda_info()
+    print(f"gpu_bench: {info['gpu']} (sm_{''.join(map(str, info['capability']))}, driver {info['driver']}, "
+          f"CUDA {info['cuda']}, torch {torch.__version__})")
+    if args.check:
+        return 0
+    from triton.testing import do_bench
+
+    cfg = QUICK if args.quick else FULL
+    record = run_benchmarks(args.out, device="cuda", bench=do_bench, **cfg)
+    for name, value in record["metrics"].items():
+        print(f"  {name} = {value:.4g}")
+    print(f"gpu_bench: wrote {', '.join(record['files'] + ['bench.json'])} under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The GPU benchmark's code on the CPU (helpers/gpu_bench.py, helpers/fp8/bench.py): tiny shapes, the Triton kernels
+under the interpreter, a host timer in place of ``do_bench``, so the benchmark cannot rot between GPU runs.
+
+Structure and units only: no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import helpers  # noqa: F401  (sets TRITON_INTERPRET=1 on CPU before triton is imported)
+import pandas as pd
+import pytest
+import torch
+
+from helpers import gpu_bench
+from helpers.core import runtime
+from helpers.fp8.bench import requant_benchmark, wall_clock_bench
+
+needs_no_gpu = pytest.mark.skipif(runtime.has_cuda(), reason="checks the behaviour without a CUDA device")
+TINY = {"tiny_a (48x160)": (48, 160), "tiny_b (130x64)": (130, 64)}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_interpreter_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="backend='triton' on CPU")
+        yield
+
+
+@pytest.mark.skipif(not runtime.triton_interpreted(), reason="runs the Triton kernels under the CPU interpreter")
+def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
+    record = gpu_bench.run_benchmarks(tmp_path, device="cpu", bench=wall_clock_bench, shapes=TINY, ms=(1, 7),
+                                      requant_sizes_gb=(2e-5, 5e-5), requant_layer=(48, 160), contexts=(64,),
+                                      decode_batch=2, backend="triton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "gemm.csv", "requant.csv"]
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(record, default=str))
+    env = record["environment"]
+    assert env["gpu"] is None and env["triton_mode"] == "interpreter" and env["versions"]["torch"]
+    assert record["params"]["timer"].endswith("wall_clock_bench")
+
+    gemm = pd.read_csv(tmp_path / "gemm.csv")  # NaN (a method that did not run) and an empty note read as NaN
+    assert len(gemm) == len(TINY) * 2 * 4  # shapes x M x methods
+    assert set(gemm["method"]) == {"bf16", "fp8_block", "fp8_block_w8a8", "scaled_mm_block"}
+    timed = gemm[gemm["method"] != "scaled_mm_block"]
+    assert (timed["tflops"] > 0).all() and (timed["ms_p20"] <= timed["ms_p80"]).all()
+    # TFLOP/s is 2 M N K over the median time, for every timed row.
+    want = 2.0 * timed["m"] * timed["n"] * timed["k"] / (timed["ms"] * 1e-3) / 1e12
+    assert ((timed["tflops"] - want).abs() <= 1e-9 * want).all()
+    scaled = gemm[gemm["method"] == "scaled_mm_block"]  # cuBLAS-only: not on the CPU, with the reason recorded
+    assert scaled["ms"].isna().all() and scaled["note"].notna().all()
+
+    requant = pd.read_csv(tmp_path / "requant.csv")
+    assert list(requant["layers"]) == [1, 3]  # round(size / 15.4 kB of bf16 per layer), at least 1
+    assert (requant["quantizer"] == "triton").all() and (requant["device"] == "cpu").all()
+    assert (requant[["requant_s", "copy_s", "requant_gbps", "copy_gbps", "ratio"]] > 0).all().all()
+    assert (requant["requant_s_p20"] <= requant["requant_s_p80"]).all()
+    assert requant["requant_gbps"].iloc[1] == pytest.approx(requant["size_gb"].iloc[1] / requant["requant_s"].iloc[1])
+
+    m = record["metrics"]
+    assert all(k.startswith("gpu_bench/") for k in m)
+    assert m["gpu_bench/gemm_fp8_block_best_tflops"] == pytest.approx(gemm.loc[gemm["method"] == "fp8_block",
+                                                                               "tflops"].max())
+    assert "gpu_bench/gemm_scaled_mm_block_best_tflops" not in m  # never ran here: no figure, not a zero
+    assert "gpu_bench/gemm_fp8_block_best_fraction_of_peak" not in m  # no known peak for a CPU
+    assert m["gpu_bench/requant_over_copy"] == pytest.approx(requant["ratio"].iloc[-1])
+
+
+def test_requant_benchmark_takes_a_timer():
+    calls = []
+
+    def fake_bench(fn, quantiles):
+        fn()
+        calls.append(list(quantiles))
+        return [2.0, 1.0, 3.0]  # ms
+
+    df = requant_benchmark([0.0005], layer_shape=(256, 512), bench=fake_bench, measure_rss=False)
+    assert calls == [[0.5, 0.2, 0.8]] * 2  # the sync, then the copy
+    row = df.iloc[0]
+    assert row["requant_s"] == row["copy_s"] == 2e-3 and row["requant_s_p20"] == 1e-3 and row["copy_s_p80"] == 3e-3
+    assert row["ratio"] == 1.0 and row["peak_extra_mb"] is None
+    assert row["requant_gbps"] == pytest.approx(row["size_gb"] / 2e-3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ms": ()}, "ms must be a non-empty"),
+    ({"ms": (0, 4)}, "ms must be a non-empty"),
+    ({"requant_sizes_gb": (-1.0,)}, "requant_sizes_gb"),
+    ({"contexts": ()}, "contexts"),
+    ({"decode_batch": 0}, "decode_batch must be >= 1"),
+])
+def test_run_benchmarks_rejects_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gpu_bench.run_benchmarks(tmp_path / "out", device="cpu", bench=wall_clock_bench, **kwargs)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("argv", [[], ["--quick"], ["--check"]])
+def test_main_without_a_gpu_writes_nothing_and_says_so(tmp_path, capsys, argv):
+    out = tmp_path / "gpu"
+    assert gpu_bench.main(["--out", str(out), *argv]) == gpu_bench.NO_GPU_EXIT
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cuda_info():
+    info = gpu_bench.cuda_info()
+    if runtime.has_cuda():
+        assert info["gpu"] == torch.cuda.get_device_name(0) and len(info["capability"]) == 2
+    else:
+        assert info == {"gpu": None}
+    assert gpu_bench.NO_GPU_EXIT not in range(0, 6)  # never mistaken for a pytest status
