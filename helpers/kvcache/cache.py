@@ -174,6 +174,11 @@ class KVCache(KVCacheBase):
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
 
+    @classmethod
+    def from_config(cls, cfg, batch: int, max_len: int, **kw) -> "KVCache":
+        """A cache shaped for a :class:`~helpers.models.DecoderConfig`; keyword arguments as the constructor."""
+        return cls(cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim, **kw)
+
     def _check_input_dtype(self, name: str, x: torch.Tensor) -> None:
         if x.dtype != self.dtype:
             raise ValueError(f"{name} must have the cache's dtype {self.dtype}, got {x.dtype}")
