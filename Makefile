@@ -9,7 +9,7 @@ PROFILE ?= full
 JOBS   ?= 1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup reports test lab browser clean
+.PHONY: setup reports test lab browser clean gpu-test gpu-bench
 
 setup: $(STAMP)
 
@@ -40,3 +40,22 @@ lab: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The GPU tier, for a CUDA machine (CI's `make test` does not call these). Without a GPU both print why, run and
+# write nothing, and fail: the recipe exits 7 (helpers.gpu_bench.NO_GPU_EXIT, not one of pytest's 1-5), which make
+# reports as "Error 7" before exiting 2 itself, so a GPU job on a runner that lost its GPU does not pass empty.
+#   make gpu-test    pytest -m gpu: the compiled kernels against the torch path at production shapes
+#   make gpu-bench   python -m helpers.gpu_bench: results/gpu/{gemm,requant,attention}.csv + bench.json
+# The nvidia-smi check comes first so that a CPU machine never starts a (re)install for nothing.
+NO_GPU = { echo "$@: no NVIDIA GPU found (nvidia-smi lists none); nothing run, nothing written"; exit 7; }
+
+gpu-test:
+	@nvidia-smi -L >/dev/null 2>&1 || $(NO_GPU)
+	$(MAKE) setup
+	$(PY) -m helpers.gpu_bench --check
+	$(PY) -m pytest -m gpu tests/test_gpu_*.py
+
+gpu-bench:
+	@nvidia-smi -L >/dev/null 2>&1 || $(NO_GPU)
+	$(MAKE) setup
+	$(PY) -m helpers.gpu_bench --out results/gpu
