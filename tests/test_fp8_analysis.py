@@ -15,7 +15,7 @@ from helpers.fp8 import dequant_weight, quant_weight
 from helpers.fp8.analysis import (ACT_SCHEMES, WEIGHT_SCHEMES, act_error_table, e4m3_values, error_metrics,
                                   fake_quant_act, fake_quant_weight, median_by_scheme, synthetic_outlier_weight,
                                   weight_error_table)
-from helpers.fp8.bench import QWEN3_8B_GEMMS, fp8_peak_tflops, gemm_benchmark, requant_benchmark, wall_clock_bench
+from helpers.fp8.bench import GEMM_METHODS, QWEN3_8B_GEMMS, fp8_peak_tflops, gemm_benchmark, requant_benchmark, wall_clock_bench
 
 
 def test_e4m3_grid():
@@ -88,11 +88,12 @@ def test_requant_benchmark_structure():
 
 def test_gemm_benchmark_runs_on_cpu():
     df = gemm_benchmark({"tiny": (48, 160)}, ms=(1, 5), bench=wall_clock_bench, backend="torch")
-    assert set(df["method"]) == {"bf16", "fp8_block", "fp8_block_w8a8", "scaled_mm_block"}
-    timed = df[df["method"] != "scaled_mm_block"]
+    assert set(df["method"]) == set(GEMM_METHODS)
+    timed = df[~df["method"].isin(["scaled_mm_block", "fp8_block_autotuned"])]
     assert (timed["tflops"] > 0).all()
-    skipped = df[df["method"] == "scaled_mm_block"]
+    skipped = df[df["method"].isin(["scaled_mm_block", "fp8_block_autotuned"])]
     assert (skipped["ms"].isna() == (skipped["note"] != "")).all()  # either timed, or a reason is recorded
+    assert df.loc[df["method"] == "fp8_block_autotuned", "ms"].isna().all()  # compiled GPU runs only
     assert QWEN3_8B_GEMMS["gate_proj / up_proj (12288x4096)"] == (12288, 4096)
     assert fp8_peak_tflops("NVIDIA H100 80GB HBM3") == 1979.0 and fp8_peak_tflops("NVIDIA H100 PCIe") == 1513.0
     assert fp8_peak_tflops("Some CPU") is None

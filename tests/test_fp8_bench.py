@@ -15,7 +15,7 @@ import torch
 
 from helpers import gpu_bench
 from helpers.core import runtime
-from helpers.fp8.bench import requant_benchmark, wall_clock_bench
+from helpers.fp8.bench import GEMM_METHODS, requant_benchmark, wall_clock_bench
 
 needs_no_gpu = pytest.mark.skipif(runtime.has_cuda(), reason="checks the behaviour without a CUDA device")
 TINY = {"tiny_a (48x160)": (48, 160), "tiny_b (130x64)": (130, 64)}
@@ -42,15 +42,16 @@ def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
     assert record["params"]["timer"].endswith("wall_clock_bench")
 
     gemm = pd.read_csv(tmp_path / "gemm.csv")  # NaN (a method that did not run) and an empty note read as NaN
-    assert len(gemm) == len(TINY) * 2 * 4  # shapes x M x methods
-    assert set(gemm["method"]) == {"bf16", "fp8_block", "fp8_block_w8a8", "scaled_mm_block"}
-    timed = gemm[gemm["method"] != "scaled_mm_block"]
+    assert len(gemm) == len(TINY) * 2 * len(GEMM_METHODS)  # shapes x M x methods
+    assert list(gemm["method"][: len(GEMM_METHODS)]) == list(GEMM_METHODS)
+    timed = gemm[~gemm["method"].isin(["scaled_mm_block", "fp8_block_autotuned"])]
     assert (timed["tflops"] > 0).all() and (timed["ms_p20"] <= timed["ms_p80"]).all()
     # TFLOP/s is 2 M N K over the median time, for every timed row.
     want = 2.0 * timed["m"] * timed["n"] * timed["k"] / (timed["ms"] * 1e-3) / 1e12
     assert ((timed["tflops"] - want).abs() <= 1e-9 * want).all()
-    scaled = gemm[gemm["method"] == "scaled_mm_block"]  # cuBLAS-only: not on the CPU, with the reason recorded
-    assert scaled["ms"].isna().all() and scaled["note"].notna().all()
+    # cuBLAS-only and compiled-GPU-only methods: not on the CPU, with the reason recorded
+    untimed = gemm[gemm["method"].isin(["scaled_mm_block", "fp8_block_autotuned"])]
+    assert untimed["ms"].isna().all() and untimed["note"].notna().all()
 
     requant = pd.read_csv(tmp_path / "requant.csv")
     assert list(requant["layers"]) == [1, 3]  # round(size / 15.4 kB of bf16 per layer), at least 1
@@ -113,3 +114,20 @@ def test_cuda_info():
     else:
         assert info == {"gpu": None}
     assert gpu_bench.NO_GPU_EXIT not in range(0, 6)  # never mistaken for a pytest status
+
+
+@pytest.mark.skipif(not runtime.triton_interpreted(), reason="checks the interpreter's fixed GEMM launch")
+def test_gemm_autotune_switch_is_ignored_under_the_interpreter(monkeypatch):
+    from helpers.fp8 import kernels, quant_act, quant_weight
+
+    # The configs only vary what the wrapper leaves to the tuner (BLOCK_N, warps, stages): the wrapper's own
+    # GROUP_N / BLOCK_M / BLOCK_K never conflict with them.
+    assert all(set(c.kwargs) == {"BLOCK_N"} for c in kernels.GEMM_CONFIGS)
+    assert len({(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kernels.GEMM_CONFIGS}) == 12
+    g = torch.Generator().manual_seed(0)
+    xq, xs = quant_act(torch.randn(7, 300, generator=g), 128, backend="torch")
+    wq, ws = quant_weight(torch.randn(70, 300, generator=g), backend="torch")
+    y0 = kernels.block_fp8_matmul_triton(xq, xs, wq, ws, (128, 128), out_dtype=torch.float32, autotune=False)
+    monkeypatch.setenv(kernels.GEMM_AUTOTUNE_ENV, "1")
+    y1 = kernels.block_fp8_matmul_triton(xq, xs, wq, ws, (128, 128), out_dtype=torch.float32)
+    assert torch.equal(y0, y1) and kernels.gemm_autotuned_config(7, 70, 300) is None  # one fixed launch, no tuning

@@ -158,15 +158,20 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @needs_fp8_dot
+@pytest.mark.parametrize("autotune", ["0", "1"], ids=["untuned", "autotuned"])
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_gemm_exact_on_integer_codes(shape, M):
+def test_gemm_exact_on_integer_codes(shape, M, autotune, monkeypatch):
     """Bit-exact where every summation order is exact, so any indexing error (a wrong scale, tile, stride or tail
-    mask) shows: codes in {-2..2}, scales in {1/2, 1, 2}. Each K tile's sum of <= 128 products is an integer of
+    mask) shows, with the default tiles and with every tile shape the autotuner picks: codes in {-2..2}, scales in
+    {1/2, 1, 2}. Each K tile's sum of <= 128 products is an integer of
     magnitude <= 512 (exact even in the tensor cores' reduced-precision FP8 accumulator, 13 mantissa bits), the
     tile scale is a power of two in [1/4, 4], and |y| <= 96 tiles * 512 * 4 < 2^18 in steps of 1/4: 20 significant
     bits, exact in fp32. So the kernel's fp32 output equals the fp64 product, and its bf16 output that value
     rounded once."""
+    from helpers.fp8 import kernels
+
+    monkeypatch.setenv(kernels.GEMM_AUTOTUNE_ENV, autotune)
     N, K = shape
     g = _gen(N + K + M)
     kb = -(-K // BLOCK[1])
@@ -180,6 +185,7 @@ def test_gemm_exact_on_integer_codes(shape, M):
     assert torch.equal(y32.cpu().double(), ref)
     y16 = block_fp8_matmul(*args, block_size=BLOCK, out_dtype=torch.bfloat16, backend="triton")
     assert torch.equal(y16.cpu(), ref.float().bfloat16())
+    assert (kernels.gemm_autotuned_config(M, N, K) is not None) == (autotune == "1")  # the switch took effect
 
 
 # Unit roundoffs of the derivation below.

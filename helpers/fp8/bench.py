@@ -18,15 +18,18 @@ import pandas as pd
 import torch
 from torch import nn
 
+from helpers.core.runtime import resolve_backend, triton_interpreted
 from helpers.core.timing import peak_rss_delta, time_quantiles
 from helpers.fp8 import reference
 from helpers.fp8.linear import Fp8Linear, requantize_model_
 from helpers.fp8.quant import block_fp8_matmul, quant_act, quant_weight
 
-__all__ = ["QWEN3_8B_GEMMS", "FP8_PEAK_TFLOPS", "fp8_peak_tflops", "requant_benchmark",
+__all__ = ["QWEN3_8B_GEMMS", "FP8_PEAK_TFLOPS", "GEMM_METHODS", "fp8_peak_tflops", "requant_benchmark",
            "gemm_benchmark", "wall_clock_bench"]
 
 GB = 1e9
+# gemm_benchmark's methods, in table order.
+GEMM_METHODS = ("bf16", "fp8_block", "fp8_block_w8a8", "fp8_block_autotuned", "scaled_mm_block")
 # Qwen3-8B (hidden 4096, intermediate 12288, 32 q heads and 8 kv heads of 128): the projections' (N, K).
 QWEN3_8B_GEMMS: dict[str, tuple[int, int]] = {
     "q_proj / o_proj (4096x4096)": (4096, 4096),
@@ -169,6 +172,9 @@ def gemm_benchmark(shapes: Mapping[str, tuple[int, int]] = QWEN3_8B_GEMMS, ms: S
     * ``bf16``: ``torch.matmul`` in bf16 (cuBLAS on a GPU);
     * ``fp8_block``: :func:`helpers.fp8.block_fp8_matmul` on pre-quantized operands (the GEMM alone);
     * ``fp8_block_w8a8``: ``quant_act`` + ``block_fp8_matmul`` (what :class:`Fp8Linear` runs per call);
+    * ``fp8_block_autotuned``: the same Triton GEMM autotuned over :data:`helpers.fp8.kernels.GEMM_CONFIGS` (the
+      default tiles are untuned), compiled GPU runs only (tuning happens in the timer's warm-up call); ``note``
+      names the chosen config;
     * ``scaled_mm_block``: ``torch._scaled_mm`` with block scales, only where this torch/GPU accepts them *and*
       its output agrees with ``fp8_block`` (relative Frobenius difference <= ``check_rtol``); otherwise the row
       has ``ms = nan`` and the reason in ``note``.
@@ -196,6 +202,13 @@ def gemm_benchmark(shapes: Mapping[str, tuple[int, int]] = QWEN3_8B_GEMMS, ms: S
                                                            out_dtype=torch.bfloat16, backend=backend),
             }
             notes = {name: "" for name in methods}
+            if dev.type == "cuda" and resolve_backend(backend) == "triton" and not triton_interpreted():
+                from helpers.fp8 import kernels
+
+                methods["fp8_block_autotuned"] = lambda: kernels.block_fp8_matmul_triton(
+                    x_fp8, x_s, w_fp8, w_s, (128, 128), out_dtype=torch.bfloat16, autotune=True)
+            else:
+                notes["fp8_block_autotuned"] = "autotuning needs the compiled Triton GEMM on a GPU"
             try:
                 y = _scaled_mm_blockwise(x_fp8, x_s, w_fp8, w_s)
                 diff = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
@@ -206,7 +219,7 @@ def gemm_benchmark(shapes: Mapping[str, tuple[int, int]] = QWEN3_8B_GEMMS, ms: S
                     notes["scaled_mm_block"] = f"disagrees with fp8_block (rel diff {diff:.3g})"
             except Exception as exc:  # unsupported device / torch build / layout: recorded, not fatal
                 notes["scaled_mm_block"] = f"unsupported: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            for name in ("bf16", "fp8_block", "fp8_block_w8a8", "scaled_mm_block"):
+            for name in GEMM_METHODS:
                 fn = methods.get(name)
                 if fn is None:
                     rows.append({"shape": shape_name, "n": n, "k": k, "m": m, "method": name, "ms": float("nan"),
@@ -214,6 +227,8 @@ def gemm_benchmark(shapes: Mapping[str, tuple[int, int]] = QWEN3_8B_GEMMS, ms: S
                                  "note": notes[name]})
                     continue
                 med, p20, p80 = bench(fn, quantiles=[0.5, 0.2, 0.8])
+                if name == "fp8_block_autotuned":
+                    notes[name] = f"tuned: {kernels.gemm_autotuned_config(m, n, k)}"
                 rows.append({"shape": shape_name, "n": n, "k": k, "m": m, "method": name, "ms": med, "ms_p20": p20,
                              "ms_p80": p80, "tflops": 2.0 * m * n * k / (med * 1e-3) / 1e12, "note": notes[name]})
     return pd.DataFrame(rows)

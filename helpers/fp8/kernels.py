@@ -20,10 +20,14 @@ Exactness notes
 
 No GPU was available while writing these: they are validated under the interpreter (bit-exact against torch), and
 a test compiles them ahead of time for sm_90 with Triton's bundled ptxas and checks the PTX for ``div.rn.f32``,
-the saturating e4m3 conversion and fp8 ``wgmma``. Tile sizes and warps for the GEMM are untuned guesses.
+the saturating e4m3 conversion and fp8 ``wgmma``. The GEMM's tile sizes, warps and stages are UNTUNED guesses (see
+:data:`GEMM_CONFIGS`): no GPU measurement has chosen them yet. ``HELPERS_FP8_GEMM_AUTOTUNE=1`` (or
+``autotune=True``) autotunes over :data:`GEMM_CONFIGS` instead; ``python -m helpers.gpu_bench`` times both.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -33,7 +37,8 @@ from helpers.core import runtime
 from helpers.fp8 import interpreter
 from helpers.fp8.format import FP8_DTYPE, FP8_E4M3_MAX, SCALE_EPS, check_scale_fmt
 
-__all__ = ["quant_act_triton", "quant_weight_triton", "block_fp8_matmul_triton", "supports_fp8_dot"]
+__all__ = ["quant_act_triton", "quant_weight_triton", "block_fp8_matmul_triton", "supports_fp8_dot",
+           "GEMM_CONFIGS", "GEMM_AUTOTUNE_ENV", "gemm_autotuned_config"]
 
 interpreter.install()  # no-op unless TRITON_INTERPRET=1
 
@@ -174,6 +179,33 @@ def _block_fp8_matmul_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+# GEMM tiles. UNTUNED: the default launch (BLOCK_N = 128, 4 warps, 3 stages; BLOCK_M 16 / 32 / 64 by M) is a guess
+# made without a GPU. The autotuned variant below searches this small list on the first call for each (N, K) and
+# M class (BLOCK_M, set from M by the wrapper, is part of the key so that decode and prefill tune apart). Once GPU
+# runs of helpers.gpu_bench have shown which configs win, the default should become the measured choice and this
+# note should go. A config that does not fit the GPU's shared memory fails to compile and is skipped by the tuner.
+GEMM_AUTOTUNE_ENV = "HELPERS_FP8_GEMM_AUTOTUNE"  # "1": autotune the GEMM (compiled GPU runs only)
+GEMM_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                for bn in (64, 128, 256) for warps in (4, 8) for stages in (3, 4)]
+_block_fp8_matmul_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "BLOCK_M"])(
+    _block_fp8_matmul_kernel)
+
+
+def _gemm_block_m(M: int) -> int:
+    """The GEMM's M tile: short for decode batches, 64 beyond (untuned)."""
+    return 16 if M <= 16 else (32 if M <= 32 else 64)
+
+
+def gemm_autotuned_config(M: int, N: int, K: int) -> triton.Config | None:
+    """The config the autotuner chose for an [M, K] x [N, K] GEMM, or None if that (N, K, M class) is not tuned
+    yet. (The tuner's cache keys start with its key values, in order: N, K, BLOCK_M.)"""
+    prefix = (N, K, _gemm_block_m(M))
+    for key, config in _block_fp8_matmul_autotuned.cache.items():
+        if tuple(key[:3]) == prefix:
+            return config
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Wrappers: check inputs, allocate outputs, launch with a grid lambda over META.
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,8 +293,13 @@ def block_fp8_matmul_triton(
     block_size: tuple[int, int],
     *,
     out_dtype: torch.dtype = torch.bfloat16,
+    autotune: bool | None = None,
 ) -> torch.Tensor:
-    """y [M, N] = x_fp8 [M, K] @ w_fp8 [N, K].T, block-scaled by x_scale [M, kb] and w_scale_inv [nb, kb]."""
+    """y [M, N] = x_fp8 [M, K] @ w_fp8 [N, K].T, block-scaled by x_scale [M, kb] and w_scale_inv [nb, kb].
+
+    ``autotune``: search :data:`GEMM_CONFIGS` (None: when ``HELPERS_FP8_GEMM_AUTOTUNE=1``). Ignored under the
+    interpreter, where timing means nothing and the tests want one fixed launch. Only the tile shape changes: each
+    output is the same sum over the same K tiles, in the same tile order."""
     assert x_fp8.ndim == 2 and w_fp8.ndim == 2 and x_fp8.shape[1] == w_fp8.shape[1]
     assert x_fp8.dtype == FP8_DTYPE and w_fp8.dtype == FP8_DTYPE and out_dtype in _OUT_DTYPES
     _check_launchable(x_fp8, x_scale, w_fp8, w_scale_inv)
@@ -280,15 +317,19 @@ def block_fp8_matmul_triton(
         return y
     if K == 0:
         return y.zero_()
-    # Tile choice: small M (decode) uses a short M tile; bk is the K tile so each tile has one scale pair.
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n = 64 if runtime.triton_interpreted() else 128
+    # Tile choice (untuned, see GEMM_CONFIGS): small M (decode) uses a short M tile; bk is the K tile so each tile
+    # has one scale pair.
+    block_m = _gemm_block_m(M)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]))  # noqa: E731
-    _block_fp8_matmul_kernel[grid](
-        x_fp8, w_fp8, y, x_scale, w_scale_inv, M, N, K,
-        x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1), y.stride(0), y.stride(1),
-        x_scale.stride(0), x_scale.stride(1), w_scale_inv.stride(0), w_scale_inv.stride(1),
-        GROUP_N=bn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk,
-        num_warps=4, num_stages=3,
-    )
+    args = (x_fp8, w_fp8, y, x_scale, w_scale_inv, M, N, K,
+            x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1), y.stride(0), y.stride(1),
+            x_scale.stride(0), x_scale.stride(1), w_scale_inv.stride(0), w_scale_inv.stride(1))
+    if autotune is None:
+        autotune = os.environ.get(GEMM_AUTOTUNE_ENV, "0") == "1"
+    if autotune and not runtime.triton_interpreted():
+        _block_fp8_matmul_autotuned[grid](*args, GROUP_N=bn, BLOCK_M=block_m, BLOCK_K=bk)
+        return y
+    block_n = 64 if runtime.triton_interpreted() else 128
+    _block_fp8_matmul_kernel[grid](*args, GROUP_N=bn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk,
+                                   num_warps=4, num_stages=3)
     return y
