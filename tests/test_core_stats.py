@@ -90,7 +90,8 @@ def test_per_run_and_summary_tables():
                        "charts/episodic_return": np.r_[np.zeros(20), np.full(20, 500.0)]})
     ev = pd.DataFrame({"env_id": "CartPole-v1", "method": "A", "seed": 0, "step": [2000, 4000],
                        "eval/return_mean": [100.0, 500.0]})
-    runs = stats.per_run_table(ep, ev)
+    assert stats.per_run_table(ep, ev).iloc[0].final_eval == 300.0  # default: mean of the last 5 (here both) evals
+    runs = stats.per_run_table(ep, ev, final_evals=1)
     r = runs.iloc[0]
     # the window-20 mean reaches 475 once 19 of the 20 episodes score 500: episode index 38, step 3900
     assert r.steps_to_threshold == 3900
@@ -102,3 +103,91 @@ def test_per_run_and_summary_tables():
     assert summ.iloc[0]["reached"] == 1 and summ.iloc[0]["final_eval_iqm"] == 500.0
     pooled = stats.pooled_iqm_table(runs, n_resamples=50)
     assert set(pooled["metric"]) == {"auc", "final_eval_norm"}
+
+
+# -- rliable-backed statistics --------------------------------------------------------------------------------------
+def test_iqm_is_rliables():
+    from rliable import metrics as rly
+
+    x = np.random.default_rng(5).normal(size=(13, 3))
+    assert stats.iqm(x) == pytest.approx(rly.aggregate_iqm(x))
+    np.testing.assert_allclose(stats.iqm(x.T, axis=1), [rly.aggregate_iqm(c) for c in x.T])
+
+
+def test_probability_of_improvement_by_hand():
+    x = np.array([[1.0], [2.0], [3.0]])
+    y = np.array([[0.0], [2.0]])
+    # pairs (x > y): 1>0, 2>0, 3>0, 3>2 -> 4; tie 2=2 -> 0.5; total 6 pairs
+    assert stats.probability_of_improvement(x, y) == pytest.approx(4.5 / 6)
+    assert stats.probability_of_improvement(y, x) == pytest.approx(1.5 / 6)
+    # averaged over tasks: task 2 is a certain win
+    x2, y2 = np.c_[x[:2, 0], [5.0, 6.0]], np.c_[y[:, 0], [0.0, 1.0]]
+    assert stats.probability_of_improvement(x2, y2) == pytest.approx((stats.probability_of_improvement(
+        x2[:, :1], y2[:, :1]) + 1.0) / 2)
+    with pytest.raises(ValueError, match="tasks"):
+        stats.probability_of_improvement(np.zeros((3, 2)), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="x must"):
+        stats.probability_of_improvement(np.zeros(3), np.zeros((3, 1)))
+
+
+def test_poi_and_difference_intervals():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(2.0, 1.0, (20, 1)), rng.normal(0.0, 1.0, (20, 1))
+    p, lo, hi = stats.poi_ci(x, y, n_resamples=300, seed=1)
+    assert lo <= p <= hi and lo > 0.5  # a 2-sigma shift with 20 runs each is a clear improvement
+    assert (p, lo, hi) == stats.poi_ci(x, y, n_resamples=300, seed=1)
+    d, dlo, dhi = stats.iqm_difference_ci(x, y, n_resamples=300, seed=1)
+    assert d == pytest.approx(stats.iqm(x) - stats.iqm(y)) and 0 < dlo <= d <= dhi
+    # identical samples: the difference interval is centred on 0 and covers it
+    d0, lo0, hi0 = stats.iqm_difference_ci(x, x, n_resamples=300)
+    assert d0 == 0.0 and lo0 < 0 < hi0
+    # a wider (Bonferroni) level gives a wider interval
+    _, wlo, whi = stats.iqm_difference_ci(x, y, n_resamples=300, seed=1, confidence=0.99)
+    assert wlo <= dlo and whi >= dhi
+    with pytest.raises(ValueError, match="confidence"):
+        stats.poi_ci(x, y, confidence=1.0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        stats.iqm_difference_ci(x, y, n_resamples=0)
+
+
+def test_performance_profile_by_hand():
+    x = np.array([[0.1, 0.9], [0.5, 0.2], [0.8, 0.7]])  # 3 runs x 2 tasks
+    prof, lo, hi = stats.performance_profile(x, [0.0, 0.3, 0.75, 1.0], n_resamples=200)
+    # tau 0.3: task 1 -> 2/3 above, task 2 -> 2/3 above; tau 0.75: 1/3 and 1/3
+    np.testing.assert_allclose(prof, [1.0, 2 / 3, 1 / 3, 0.0])
+    assert np.all(lo <= prof + 1e-12) and np.all(prof <= hi + 1e-12)
+    assert lo[0] == hi[0] == 1.0 and lo[-1] == hi[-1] == 0.0
+    with pytest.raises(ValueError, match="taus"):
+        stats.performance_profile(x, [])
+
+
+def test_bonferroni_and_min_detectable_effect():
+    assert stats.bonferroni_confidence(1) == pytest.approx(0.95)
+    assert stats.bonferroni_confidence(5) == pytest.approx(0.99)
+    # the textbook 2.8 sigma sqrt(2/n) at 95% / 80% (z 1.960 + 0.842)
+    assert stats.min_detectable_effect(1.0, 2) == pytest.approx(2.8016, abs=1e-3)
+    assert stats.min_detectable_effect(168.0, 5) == pytest.approx(2.8016 * 168 * math.sqrt(2 / 5), rel=1e-3)
+    # 4x the seeds halves it
+    assert stats.min_detectable_effect(1.0, 40) == pytest.approx(stats.min_detectable_effect(1.0, 10) / 2)
+    for bad, name in ((dict(n_comparisons=0), "n_comparisons"), (dict(n_comparisons=2, family_confidence=1.0),
+                                                                  "family_confidence")):
+        with pytest.raises(ValueError, match=name):
+            stats.bonferroni_confidence(**bad)
+    with pytest.raises(ValueError, match="n must"):
+        stats.min_detectable_effect(1.0, 1)
+    with pytest.raises(ValueError, match="sigma"):
+        stats.min_detectable_effect(-1.0, 5)
+
+
+def test_score_matrix_and_mean_of_last():
+    runs = pd.DataFrame({"env_id": ["b", "a", "a", "b"], "method": "M", "seed": [2, 2, 1, 1],
+                         "auc": [4.0, 2.0, 1.0, 3.0]})
+    np.testing.assert_array_equal(stats.score_matrix(runs, "M", "auc"), [[1.0, 3.0], [2.0, 4.0]])
+    with pytest.raises(ValueError, match="method"):
+        stats.score_matrix(runs, "N", "auc")
+    with pytest.raises(ValueError, match="same number"):
+        stats.score_matrix(runs.iloc[:3], "M", "auc")
+    assert stats.mean_of_last([1, 2, 3, 4, 5, 6], 5) == 4.0
+    assert stats.mean_of_last([7.0], 5) == 7.0
+    with pytest.raises(ValueError, match="k must"):
+        stats.mean_of_last([1.0], 0)

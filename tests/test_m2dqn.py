@@ -9,8 +9,10 @@ import torch
 from helpers.m2dqn import dqn, grid
 from helpers.m2dqn.dqn import ReplayBuffer, max_mean_loss, tilted_loss
 
-# A short CartPole run: long enough to reach the learning phase and one evaluation, short enough for a test.
-TINY = dict(total_steps=600, learning_starts=200, eval_interval=300, eval_episodes=2, log_interval=100)
+# A short CartPole run: long enough to reach the learning phase and one evaluation, short enough for a test; a small
+# net and one gradient step every 4 env steps instead of the zoo's 256x256 and 128 steps every 256.
+TINY = dict(total_steps=600, learning_starts=200, eval_interval=300, eval_episodes=2, log_interval=100,
+            hidden=(64, 64), train_frequency=4, grad_steps=1, target_update_interval=250)
 
 
 # -- losses ------------------------------------------------------------------------------------------------------
@@ -224,6 +226,8 @@ def test_train_dqn_outputs():
     (dict(tilt=-1.0), "tilt"),
     (dict(gamma=1.5), "gamma"),
     (dict(nonsense=1), "nonsense"),
+    (dict(replay="prioritized"), "replay"),
+    (dict(replay="rank"), "replay"),
 ])
 def test_bad_input_names_the_argument(kwargs, name):
     kwargs = dict(kwargs)
@@ -233,22 +237,44 @@ def test_bad_input_names_the_argument(kwargs, name):
 
 
 def test_method_configs_are_the_fair_controls():
-    cfg = grid.method_configs(4, 32)
-    assert cfg["M2DQN"] == dict(algo="m2dqn", num_batches=4, loss_agg="max", batch_size=32)
-    assert grid.resolve({"env_id": "CartPole-v1", **cfg["DDQN batch MB"]})[2]["batch_size"] == 128
-    assert cfg["DDQN M steps"]["grad_steps"] == 4 and cfg["M2DQN tilted"]["loss_agg"] == "tilted"
-    with pytest.raises(ValueError, match="num_batches"):
-        grid.method_configs(0)
+    cfg = grid.method_configs(4, sweep_m=(2, 8))
+    assert cfg["M2DQN"] == dict(algo="m2dqn", num_batches=4, loss_agg="max")
+    assert cfg["M2DQN M8"]["num_batches"] == 8 and cfg["M2DQN M2"]["num_batches"] == 2
+    zoo = dqn.make_args("CartPole-v1")
+    assert grid.resolve({"env_id": "CartPole-v1", **cfg["DDQN batch MB"]})[2]["batch_size"] == 4 * zoo.batch_size
+    assert grid.resolve({"env_id": "CartPole-v1", **cfg["DDQN M steps"]})[2]["grad_steps"] == 4 * zoo.grad_steps
+    assert cfg["DDQN PER"]["replay"] == "prioritized" and cfg["M2DQN tilted"]["loss_agg"] == "tilted"
+    for bad in (0, 1, 2.5):
+        with pytest.raises(ValueError, match="num_batches"):
+            grid.method_configs(bad)
+    with pytest.raises(ValueError, match="sweep_m"):
+        grid.method_configs(2, sweep_m=(1,))
+
+
+def test_zoo_settings_are_used_exactly():
+    """rl-baselines3-zoo hyperparams/dqn.yml (gradient_steps -1 -> train_freq)."""
+    a = dqn.make_args("CartPole-v1")
+    assert (a.total_steps, a.learning_rate, a.batch_size, a.buffer_size, a.learning_starts, a.gamma,
+            a.target_update_interval, a.train_frequency, a.grad_steps, a.exploration_fraction, a.end_e,
+            a.hidden) == (50_000, 2.3e-3, 64, 100_000, 1_000, 0.99, 10, 256, 128, 0.16, 0.04, (256, 256))
+    b = dqn.make_args("Acrobot-v1")
+    assert (b.total_steps, b.learning_rate, b.batch_size, b.learning_starts, b.target_update_interval,
+            b.train_frequency, b.grad_steps) == (100_000, 6.3e-4, 128, 0, 250, 4, 4)
+    c = dqn.make_args("MountainCar-v0")
+    assert (c.total_steps, c.gamma, c.buffer_size, c.train_frequency, c.grad_steps) == (120_000, 0.98, 10_000, 16, 8)
 
 
 def test_run_grid_in_process_tags_runs():
-    cfgs = [dict(env_id="CartPole-v1", method=name, seed=1, **kw, **TINY)
+    arms = [dict(env_id="CartPole-v1", method=name, seeds=[1, 2], **kw, **TINY)
             for name, kw in grid.method_configs(2).items() if name in ("DDQN", "M2DQN")]
-    out = grid.run_grid(cfgs, jobs=1, progress=False)
+    out = grid.run_grid(arms, jobs=1, progress=False)
     assert set(out["metrics"]["method"]) == {"DDQN", "M2DQN"}
+    assert sorted(out["metrics"]["seed"]) == [1, 1, 2, 2]
     assert set(out["evals"].columns) >= {"env_id", "method", "seed", "step", "eval/return_mean"}
     with pytest.raises(ValueError, match="num_batches"):
-        grid.run_grid([dict(env_id="CartPole-v1", algo="m2dqn", num_batches=0)], jobs=1)
+        grid.run_grid([dict(env_id="CartPole-v1", seeds=[1], algo="m2dqn", num_batches=0)], jobs=1)
+    with pytest.raises(ValueError, match="seeds"):
+        grid.run_grid([dict(env_id="CartPole-v1", algo="ddqn")], jobs=1)
 
 
 def test_numpy_policy_tracks_the_live_weights():

@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 ALGOS = ("dqn", "ddqn", "m2dqn")
+REPLAYS = ("uniform", "prioritized")
 LOSS_AGGS = ("max", "tilted", "mean")
 TD_LOSSES = ("huber", "mse")
 # Offsets that keep the evaluation env's and the buffer's random streams apart from the training env's.
@@ -97,6 +98,12 @@ class Args:
     """m2dqn only: how the M minibatch losses are combined - 'max' (M2DQN), 'tilted' (ablation) or 'mean'"""
     tilt: float = 10.0
     """t of the tilted loss (1/t) log mean exp(t L_i); 0 -> mean, inf -> max"""
+    replay: str = "uniform"
+    """'uniform' or 'prioritized' (proportional PER, Schaul et al. 2016; batched trainer only: helpers.m2dqn.per)"""
+    per_alpha: float = 0.6
+    """PER priority exponent: P(i) proportional to p_i^alpha"""
+    per_beta: float = 0.4
+    """PER importance-weight exponent at the start, annealed linearly to 1 over training"""
     td_loss: str = "huber"
     """per-sample TD loss: 'huber' (smooth L1, delta 1) or 'mse'"""
     start_e: float = 1.0
@@ -115,7 +122,7 @@ class Args:
     """gradient-norm clip; <= 0 disables (CleanRL: none; the Huber loss already bounds per-sample gradients)"""
     eval_interval: int = 5_000
     """environment steps between greedy evaluations (also evaluated at the end)"""
-    eval_episodes: int = 5
+    eval_episodes: int = 10
     """episodes per greedy evaluation"""
     log_interval: int = 500
     """environment steps between loss records"""
@@ -123,34 +130,30 @@ class Args:
     """show a tqdm progress bar"""
 
 
-# Per-environment settings, anchored on rl-baselines3-zoo's tuned DQN and CleanRL's dqn.py (docs/m2dqn.md lists the public sources) and
-# shrunk so that 3 envs x 5 methods x 5 seeds fit ~30 minutes on 2 shared CPU cores. One update of this 64x64 MLP
-# costs ~1-4 ms here (torch per-op overhead dominates), so the number of updates is the budget:
-# * nets are 64x64 (zoo: 256x256); updates are 1 gradient step per `train_frequency` env steps (zoo CartPole: 128
-#   every 256; zoo Acrobot: 1 per step; zoo MountainCar: 8 every 16), which keeps the 'M gradient steps' control
-#   (M times the updates) affordable;
-# * CartPole keeps the zoo's 50k steps, lr 2.3e-3, batch 64 and short exploration (16% of training, down to 0.04);
-# * Acrobot keeps the zoo's lr 6.3e-4, batch 128, buffer 50k, target 250 and exploration 0.12 -> 0.1, with 50k of its
-#   100k steps and an update every 8 steps;
-# * MountainCar keeps the zoo's gamma 0.98, lr 4e-3, batch 128, buffer 10k, target 600 and exploration 0.2 -> 0.07,
-#   with 30k of its 120k steps and an update every 16 steps: DQN with epsilon-greedy exploration does not reach -110
-#   that fast (a reduced run stayed at -200 for every method), so it gets the smallest share of the budget;
-# * LunarLander-v3 (zoo: like Acrobot, 100k steps) installs (Box2D + pygame are pinned) but is not in the full
-#   profile: 5 methods x 5 seeds at 100k steps would add roughly 15-20 minutes on 2 cores (measured: ~7 s per 10k
-#   DDQN steps), past the profile's 30-minute budget. Run it with -y '{envs: [LunarLander-v3]}'.
+# Per-environment settings: rl-baselines3-zoo's tuned DQN, `hyperparams/dqn.yml` (docs/m2dqn.md gives the commit and
+# every source), used exactly: net, steps, learning rate, batch, buffer, learning_starts, gamma, target update period
+# (env steps), train_freq (env steps between training calls) and gradient_steps (zoo -1 = as many gradient steps as
+# env steps collected, so train_frequency), exploration. Stable-Baselines3's DQN also clips the gradient norm at 10 and
+# uses the Huber loss, kept here. Only CartPole-v1 fits the full profile on 2 shared CPU cores (its 25k updates of a
+# 256x256 MLP per run); the others take 60k-100k updates of batch 128 per run (notebook 04 gives the measured cost).
+ZOO_MAX_GRAD_NORM = 10.0  # Stable-Baselines3 DQN's default max_grad_norm (the zoo does not override it)
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
-    "CartPole-v1": dict(total_steps=50_000, learning_rate=2.3e-3, batch_size=64, buffer_size=50_000,
-                        target_update_interval=250, exploration_fraction=0.16, end_e=0.04, gamma=0.99,
-                        learning_starts=1_000, train_frequency=4),
-    "Acrobot-v1": dict(total_steps=50_000, learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
-                       target_update_interval=250, exploration_fraction=0.12, end_e=0.1, gamma=0.99,
-                       learning_starts=1_000, train_frequency=8),
-    "MountainCar-v0": dict(total_steps=30_000, learning_rate=4e-3, batch_size=128, buffer_size=10_000,
-                           target_update_interval=600, exploration_fraction=0.2, end_e=0.07, gamma=0.98,
-                           learning_starts=1_000, train_frequency=16),
+    "CartPole-v1": dict(total_steps=50_000, learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
+                        learning_starts=1_000, gamma=0.99, target_update_interval=10, train_frequency=256,
+                        grad_steps=128, exploration_fraction=0.16, end_e=0.04, hidden=(256, 256),
+                        max_grad_norm=ZOO_MAX_GRAD_NORM),
+    "Acrobot-v1": dict(total_steps=100_000, learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
+                       learning_starts=0, gamma=0.99, target_update_interval=250, train_frequency=4, grad_steps=4,
+                       exploration_fraction=0.12, end_e=0.1, hidden=(256, 256), max_grad_norm=ZOO_MAX_GRAD_NORM),
+    # the zoo tunes LunarLander-v2; gymnasium 1.x ships v3 (same dynamics, bug fixes), given the same settings
     "LunarLander-v3": dict(total_steps=100_000, learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
-                           target_update_interval=250, exploration_fraction=0.12, end_e=0.1, gamma=0.99,
-                           learning_starts=1_000, train_frequency=4),
+                           learning_starts=0, gamma=0.99, target_update_interval=250, train_frequency=4,
+                           grad_steps=4, exploration_fraction=0.12, end_e=0.1, hidden=(256, 256),
+                           max_grad_norm=ZOO_MAX_GRAD_NORM),
+    "MountainCar-v0": dict(total_steps=120_000, learning_rate=4e-3, batch_size=128, buffer_size=10_000,
+                           learning_starts=1_000, gamma=0.98, target_update_interval=600, train_frequency=16,
+                           grad_steps=8, exploration_fraction=0.2, end_e=0.07, hidden=(256, 256),
+                           max_grad_norm=ZOO_MAX_GRAD_NORM),
 }
 
 
@@ -158,7 +161,7 @@ def _check_args(a: Args) -> None:
     """Raise ValueError naming the first bad argument."""
     if a.env_id not in gym.registry:
         raise ValueError(f"env_id must be a registered Gymnasium id (e.g. 'CartPole-v1'), got {a.env_id!r}")
-    choices = {"algo": ALGOS, "loss_agg": LOSS_AGGS, "td_loss": TD_LOSSES}
+    choices = {"algo": ALGOS, "loss_agg": LOSS_AGGS, "td_loss": TD_LOSSES, "replay": REPLAYS}
     for name, allowed in choices.items():
         if getattr(a, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(a, name)!r}")
@@ -181,6 +184,10 @@ def _check_args(a: Args) -> None:
         raise ValueError(f"exploration_fraction must be in (0, 1], got {a.exploration_fraction!r}")
     if not (isinstance(a.learning_starts, (int, np.integer)) and a.learning_starts >= 0):
         raise ValueError(f"learning_starts must be an int >= 0, got {a.learning_starts!r}")
+    if not (0.0 <= a.per_alpha and 0.0 <= a.per_beta <= 1.0):
+        raise ValueError(f"need per_alpha >= 0 and 0 <= per_beta <= 1, got {a.per_alpha!r}, {a.per_beta!r}")
+    if a.replay == "prioritized" and a.num_batches != 1:
+        raise ValueError(f"replay='prioritized' is the PER control of DDQN: num_batches must be 1, got {a.num_batches}")
     if not (a.tilt >= 0.0):
         raise ValueError(f"tilt must be >= 0 (0 -> mean, inf -> max), got {a.tilt!r}")
     if len(a.hidden) < 1 or any(int(h) < 1 for h in a.hidden):
@@ -487,6 +494,9 @@ def train_dqn(env_id: str = "CartPole-v1", **kwargs: Any) -> DQNRun:
     Raises ValueError naming the argument on bad input (unknown env id or algo, M < 1, B < 1, ...).
     """
     args = make_args(env_id, **kwargs)
+    if args.replay != "uniform":
+        raise ValueError(f"replay={args.replay!r} needs the batched trainer (helpers.m2dqn.batched.train_batched); "
+                         "train_dqn samples uniformly")
     # One intra-op thread: for an MLP this small, extra threads only add synchronisation (and on a shared machine
     # spin-waiting OpenMP threads slow everything down by an order of magnitude). Restored on exit.
     with single_thread():

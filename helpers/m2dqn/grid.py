@@ -1,59 +1,82 @@
-"""The experiment grid of notebook 04: the compared methods as :func:`helpers.m2dqn.dqn.train_dqn` keyword sets,
-and a process pool that runs (env, method, seed) configs and gathers their tables."""
+"""The experiment grid of notebook 04: the compared methods as training keyword sets, and a process pool that
+trains *arms* (one env, one method, many seeds) with the batched trainer and gathers their tables."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from helpers.m2dqn.dqn import ENV_DEFAULTS, Args, make_args, train_dqn
+from helpers.m2dqn.batched import train_batched
+from helpers.m2dqn.dqn import Args, make_args
 
-__all__ = ["method_configs", "resolve", "run_grid"]
+__all__ = ["PRIMARY", "method_configs", "resolve", "arm_cost", "run_grid"]
+
+# The method every comparison is about; the controls are defined relative to its M.
+PRIMARY = "M2DQN"
 
 
-def method_configs(num_batches: int = 4, batch_size: int | None = None, tilt: float = 10.0,
+def method_configs(num_batches: int = 2, sweep_m: Sequence[int] = (4, 8), tilt: float = 10.0,
                    ) -> dict[str, dict[str, Any]]:
-    """The compared methods as ``train_dqn`` keyword sets, for M = ``num_batches`` minibatches of B each.
+    """The compared methods as ``train_batched`` keyword sets, for M = ``num_batches`` minibatches of the env's B.
 
-    ``batch_size=None`` keeps each env's default B. Returns, in order:
+    Returns, in order:
 
-    * ``DDQN``: Double DQN, one minibatch of B per update;
+    * ``DDQN``: Double DQN, one minibatch of B per gradient step (the rl-baselines3-zoo schedule);
     * ``M2DQN``: M minibatches of B, loss = max of their means;
-    * ``DDQN batch MB``: one minibatch of M*B (same samples per update as M2DQN);
-    * ``DDQN M steps``: M gradient steps of B per update (same samples and forward/backward work as M2DQN, M
-      optimizer steps);
+    * ``M2DQN M<m>`` for each ``m`` in ``sweep_m``: the same with m minibatches;
+    * ``DDQN batch MB``: one minibatch of M*B (same samples per gradient step as M2DQN);
+    * ``DDQN M steps``: M times the gradient steps of B (same samples and forward/backward work, M optimizer steps);
+    * ``DDQN PER``: proportional prioritized replay (M2DQN's max acts like a crude prioritisation);
     * ``M2DQN tilted``: M minibatches, tilted loss with ``tilt`` (between mean and max).
     """
-    if num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches!r}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    b = {} if batch_size is None else {"batch_size": batch_size}
-    return {
-        "DDQN": dict(algo="ddqn", **b),
-        "M2DQN": dict(algo="m2dqn", num_batches=num_batches, loss_agg="max", **b),
-        "DDQN batch MB": dict(algo="ddqn", batch_mult=num_batches, **b),
-        "DDQN M steps": dict(algo="ddqn", grad_steps=num_batches, **b),
-        "M2DQN tilted": dict(algo="m2dqn", num_batches=num_batches, loss_agg="tilted", tilt=tilt, **b),
+    for name, v in (("num_batches", num_batches), *((f"sweep_m[{i}]", m) for i, m in enumerate(sweep_m))):
+        if not isinstance(v, int) or v < 2:
+            raise ValueError(f"{name} must be an int >= 2 (M = 1 is DDQN), got {v!r}")
+    out: dict[str, dict[str, Any]] = {
+        "DDQN": dict(algo="ddqn"),
+        PRIMARY: dict(algo="m2dqn", num_batches=num_batches, loss_agg="max"),
     }
+    for m in sweep_m:
+        if m != num_batches:
+            out[f"M2DQN M{m}"] = dict(algo="m2dqn", num_batches=m, loss_agg="max")
+    out.update({
+        "DDQN batch MB": dict(algo="ddqn", batch_mult=num_batches),
+        "DDQN M steps": dict(algo="ddqn", grad_mult=num_batches),
+        "DDQN PER": dict(algo="ddqn", replay="prioritized"),
+        "M2DQN tilted": dict(algo="m2dqn", num_batches=num_batches, loss_agg="tilted", tilt=tilt),
+    })
+    return out
 
 
 def resolve(cfg: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """Split a grid config into (env_id, method label, train_dqn kwargs); ``batch_mult`` multiplies B."""
+    """Split an arm into (env_id, method label, ``make_args`` kwargs, ``seeds`` kept if present):
+    ``batch_mult`` multiplies the env's B, ``grad_mult`` its gradient steps per training call."""
     cfg = dict(cfg)
     env_id = cfg.pop("env_id")
     method = cfg.pop("method", cfg.get("algo", "ddqn"))
+    cfg.pop("seeds", None)
+    base = make_args(env_id, **{k: v for k, v in cfg.items() if k not in ("batch_mult", "grad_mult")})
     mult = int(cfg.pop("batch_mult", 1))
     if mult != 1:
-        base = cfg.get("batch_size", ENV_DEFAULTS.get(env_id, {}).get("batch_size", Args.batch_size))
-        cfg["batch_size"] = base * mult
+        cfg["batch_size"] = base.batch_size * mult
+    gmult = int(cfg.pop("grad_mult", 1))
+    if gmult != 1:
+        cfg["grad_steps"] = base.grad_steps * gmult
     return env_id, method, cfg
+
+
+def arm_cost(cfg: dict[str, Any]) -> float:
+    """Relative cost of an arm: seeds x gradient steps x rows per step (the MLP's matmuls dominate)."""
+    env_id, _, kw = resolve(cfg)
+    a: Args = make_args(env_id, **kw)
+    calls = max(a.total_steps - a.learning_starts, 0) / a.train_frequency
+    return len(cfg.get("seeds", [1])) * (calls * a.grad_steps * a.batch_size * a.num_batches + a.total_steps)
 
 
 def _worker_init() -> None:
@@ -62,61 +85,53 @@ def _worker_init() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _run_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Top-level (picklable) worker: train one config and tag its tables with env, method and seed."""
+def _run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Top-level (picklable) worker: train one arm and tag its tables with env, method and seed."""
     env_id, method, kw = resolve(cfg)
-    run = train_dqn(env_id, **kw)
-    tag = {"env_id": env_id, "method": method, "seed": run.config["seed"]}
-    out = {}
-    for name in ("episodes", "evals", "losses"):
-        df = getattr(run, name).copy()
-        for k, v in tag.items():
-            df[k] = v
-        out[name] = df
-    out["metrics"] = {**tag, **run.metrics}
+    runs = train_batched(env_id, seeds=cfg["seeds"], **kw)
+    out: dict[str, list] = {"episodes": [], "evals": [], "losses": [], "metrics": []}
+    for run in runs:
+        tag = {"env_id": env_id, "method": method, "seed": run.config["seed"]}
+        for name in ("episodes", "evals", "losses"):
+            out[name].append(getattr(run, name).assign(**tag))
+        out["metrics"].append({**tag, **run.metrics, "learning_rate": run.config["learning_rate"]})
     return out
 
 
-def _cost(cfg: dict[str, Any]) -> float:
-    """A rough relative cost for scheduling the longest runs first."""
-    env_id, _, kw = resolve(cfg)
-    steps = kw.get("total_steps", ENV_DEFAULTS.get(env_id, {}).get("total_steps", Args.total_steps))
-    return steps * (1.0 + 0.3 * kw.get("grad_steps", 1) * kw.get("num_batches", 1))
-
-
-def run_grid(configs: list[dict[str, Any]], *, jobs: int = 2, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Run every config (``train_dqn`` kwargs plus ``env_id`` and an optional ``method`` label) on ``jobs`` processes.
+def run_grid(arms: list[dict[str, Any]], *, jobs: int = 2, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Train every arm (``env_id``, ``method`` label, ``seeds`` list and ``train_batched`` kwargs, plus
+    ``batch_mult`` / ``grad_mult``) with :func:`helpers.m2dqn.batched.train_batched` on ``jobs`` processes.
 
     Workers are started with the ``spawn`` context (safe inside a Jupyter kernel run by papermill, and with torch)
-    and use one torch thread each. ``jobs=1`` runs in this process. Returns concatenated DataFrames
-    ``episodes``, ``evals``, ``losses`` and ``metrics`` (one row per run), each with ``env_id``, ``method``, ``seed``.
+    and use one torch thread each; the costliest arms start first. ``jobs=1`` runs in this process. Returns
+    concatenated DataFrames ``episodes``, ``evals``, ``losses`` and ``metrics`` (one row per run), each with
+    ``env_id``, ``method``, ``seed``.
     """
-    if not configs:
-        raise ValueError("configs must be a non-empty list of dicts")
+    if not arms:
+        raise ValueError("arms must be a non-empty list of dicts")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs!r}")
-    for cfg in configs:  # fail fast, in this process, on bad input
+    for cfg in arms:  # fail fast, in this process, on bad input
+        if not cfg.get("seeds"):
+            raise ValueError(f"every arm needs a non-empty 'seeds' list, got {cfg!r}")
         env_id, _, kw = resolve(cfg)
         make_args(env_id, **kw)
-    order = sorted(range(len(configs)), key=lambda i: -_cost(configs[i]))
-    outs: list[dict[str, Any] | None] = [None] * len(configs)
-    bar = tqdm(total=len(configs), disable=not progress, desc="runs")
+    order = sorted(range(len(arms)), key=lambda i: -arm_cost(arms[i]))
+    outs: list[dict[str, Any] | None] = [None] * len(arms)
+    bar = tqdm(total=len(arms), disable=not progress, desc="arms")
     if jobs == 1:
         for i in order:
-            outs[i] = _run_config(configs[i])
+            outs[i] = _run_arm(arms[i])
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_config, configs[i]): i for i in order}
+            futures = {pool.submit(_run_arm, arms[i]): i for i in order}
             for fut in as_completed(futures):
                 outs[futures[fut]] = fut.result()
                 bar.update()
     bar.close()
     done = [o for o in outs if o is not None]
-    return {
-        "episodes": pd.concat([o["episodes"] for o in done], ignore_index=True),
-        "evals": pd.concat([o["evals"] for o in done], ignore_index=True),
-        "losses": pd.concat([o["losses"] for o in done], ignore_index=True),
-        "metrics": pd.DataFrame([o["metrics"] for o in done]),
-    }
+    return {name: pd.concat([df for o in done for df in o[name]], ignore_index=True)
+            for name in ("episodes", "evals", "losses")} | {
+        "metrics": pd.DataFrame([row for o in done for row in o["metrics"]])}
