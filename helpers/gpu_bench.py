@@ -8,8 +8,9 @@ On a CUDA machine it times, with ``triton.testing.do_bench`` (median and 20th / 
   peak (:func:`helpers.fp8.bench.fp8_peak_tflops`) to read them against;
 * ``requant.csv`` - the per-RL-step weight sync (:func:`helpers.fp8.requantize_model_` with the Triton quantizer)
   in GB/s beside a device-to-device ``copy_`` of the same bytes (:func:`helpers.fp8.bench.requant_benchmark`);
-* ``attention.csv`` - decode attention over the FP8 KV cache vs the BF16 cache at 1k-32k context
-  (:func:`attention_benchmark`), once the FP8 decode-attention kernel is in the package;
+* ``attention.csv`` - decode attention (:func:`helpers.kvcache.decode_attention`, the compiled Triton kernel) over
+  the FP8 KV cache vs the BF16 cache at 1k-32k context, one Qwen3-8B attention layer
+  (:func:`helpers.kvcache.bench.decode_attention_benchmark`): ms, GB/s of K/V read, FP8 / BF16 time ratio;
 
 and writes ``bench.json``: the device name, compute capability, driver, CUDA / torch / triton versions and git
 commit (:func:`helpers.core.runtime.environment_info` plus the CUDA fields), the parameters, and headline metrics
@@ -37,6 +38,7 @@ import torch
 
 from helpers.core import runtime
 from helpers.fp8.bench import QWEN3_8B_GEMMS, fp8_peak_tflops, gemm_benchmark, requant_benchmark
+from helpers.kvcache.bench import decode_attention_benchmark
 
 __all__ = ["NO_GPU_EXIT", "NO_GPU_MESSAGE", "FULL", "QUICK", "cuda_info", "run_benchmarks", "main"]
 
@@ -78,7 +80,7 @@ def cuda_info() -> dict[str, Any]:
             "fp8_peak_tflops": fp8_peak_tflops(props.name)}
 
 
-def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame | None,
+def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame,
               peak: float | None) -> dict[str, float]:
     """``gpu_bench/*`` metrics: best TFLOP/s per method, its fraction of the FP8 peak, the largest sync's GB/s
     and its ratio to the copy, and the FP8 / BF16 decode-attention time ratio at the longest context."""
@@ -93,10 +95,10 @@ def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame
     m["gpu_bench/requant_gbps"] = float(last["requant_gbps"])
     m["gpu_bench/copy_gbps"] = float(last["copy_gbps"])
     m["gpu_bench/requant_over_copy"] = float(last["ratio"])
-    if attention is not None and len(attention):
-        longest = attention[attention["context"] == attention["context"].max()].set_index("cache")["ms"]
-        if {"fp8", "bf16"} <= set(longest.index):
-            m["gpu_bench/attention_fp8_over_bf16_longest"] = float(longest["fp8"] / longest["bf16"])
+    longest = attention[attention["context"] == attention["context"].max()].set_index("cache")
+    m["gpu_bench/attention_longest_context"] = float(attention["context"].max())
+    m["gpu_bench/attention_fp8_over_bf16_longest"] = float(longest.loc["fp8_e4m3", "ratio_vs_hp"])
+    m["gpu_bench/attention_fp8_gbps_longest"] = float(longest.loc["fp8_e4m3", "gb_per_s"])
     return m
 
 
@@ -106,8 +108,9 @@ def run_benchmarks(out: str | Path, *, device: torch.device | str, bench: Callab
                    requant_layer: tuple[int, int] = (4096, 4096), contexts: Sequence[int] = FULL["contexts"],
                    decode_batch: int = FULL["decode_batch"], backend: str = "triton",
                    seed: int = 0) -> dict[str, Any]:
-    """Run every benchmark on ``device`` and write ``gemm.csv``, ``requant.csv``, ``attention.csv`` (when the FP8
-    decode-attention kernel exists) and ``bench.json`` under ``out``; return the ``bench.json`` record.
+    """Run every benchmark on ``device`` and write ``gemm.csv``, ``requant.csv``, ``attention.csv`` and
+    ``bench.json`` under ``out``; return the ``bench.json`` record. ``decode_batch`` sequences attend over each of
+    ``contexts`` cached slots.
 
     ``bench(fn, quantiles=[0.5, 0.2, 0.8]) -> [ms, ms, ms]``: ``triton.testing.do_bench`` on a GPU,
     :func:`helpers.fp8.bench.wall_clock_bench` for a CPU test. ``backend`` is the FP8 path timed (``"triton"``:
@@ -127,7 +130,9 @@ def run_benchmarks(out: str | Path, *, device: torch.device | str, bench: Callab
     requant = requant_benchmark(requant_sizes_gb, layer_shape=requant_layer, backend=backend, device=dev,
                                 bench=bench, seed=seed)
     requant.to_csv(out / "requant.csv", index=False)
-    attention = None  # the FP8 decode-attention kernel is not in the package yet (helpers/kvcache/attention.py)
+    attention = decode_attention_benchmark(contexts, batch=decode_batch, hp_dtype=torch.bfloat16, backend=backend,
+                                           device=dev, timer=bench, seed=seed)
+    attention.to_csv(out / "attention.csv", index=False)
     info = {**runtime.environment_info(), **cuda_info()}
     params = {"shapes": {k: list(v) for k, v in shapes.items()}, "ms": list(ms),
               "requant_sizes_gb": list(requant_sizes_gb), "requant_layer": list(requant_layer),

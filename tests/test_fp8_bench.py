@@ -27,6 +27,7 @@ def _quiet_interpreter_warning():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="backend='triton' on CPU")
+        warnings.filterwarnings("ignore", message="decode_attention backend='triton' on CPU")
         yield
 
 
@@ -35,7 +36,7 @@ def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
     record = gpu_bench.run_benchmarks(tmp_path, device="cpu", bench=wall_clock_bench, shapes=TINY, ms=(1, 7),
                                       requant_sizes_gb=(2e-5, 5e-5), requant_layer=(48, 160), contexts=(64,),
                                       decode_batch=2, backend="triton")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "gemm.csv", "requant.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.csv", "bench.json", "gemm.csv", "requant.csv"]
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(record, default=str))
     env = record["environment"]
     assert env["gpu"] is None and env["triton_mode"] == "interpreter" and env["versions"]["torch"]
@@ -60,6 +61,13 @@ def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
     assert (requant["requant_s_p20"] <= requant["requant_s_p80"]).all()
     assert requant["requant_gbps"].iloc[1] == pytest.approx(requant["size_gb"].iloc[1] / requant["requant_s"].iloc[1])
 
+    attention = pd.read_csv(tmp_path / "attention.csv")
+    assert list(attention["cache"]) == ["bfloat16", "fp8_e4m3"] and (attention["context"] == 64).all()
+    assert (attention["backend"] == "triton").all() and (attention["ms"] > 0).all()
+    assert attention["ratio_vs_hp"].iloc[0] == 1.0
+    assert attention["kv_bytes"].iloc[0] == 2 * attention["kv_bytes"].iloc[1]  # bf16 is two bytes, e4m3 one
+    assert attention["kv_bytes"].iloc[1] == 2 * 2 * 8 * 64 * 128  # K and V, batch 2, 8 KV heads, 64 slots, D 128
+
     m = record["metrics"]
     assert all(k.startswith("gpu_bench/") for k in m)
     assert m["gpu_bench/gemm_fp8_block_best_tflops"] == pytest.approx(gemm.loc[gemm["method"] == "fp8_block",
@@ -67,6 +75,7 @@ def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
     assert "gpu_bench/gemm_scaled_mm_block_best_tflops" not in m  # never ran here: no figure, not a zero
     assert "gpu_bench/gemm_fp8_block_best_fraction_of_peak" not in m  # no known peak for a CPU
     assert m["gpu_bench/requant_over_copy"] == pytest.approx(requant["ratio"].iloc[-1])
+    assert m["gpu_bench/attention_fp8_over_bf16_longest"] == pytest.approx(attention["ratio_vs_hp"].iloc[1])
 
 
 def test_requant_benchmark_takes_a_timer():
