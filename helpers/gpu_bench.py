@@ -86,7 +86,7 @@ def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame
     and its ratio to the copy, and the FP8 / BF16 decode-attention time ratio at the longest context."""
     m: dict[str, float] = {}
     for method, t in gemm.groupby("method")["tflops"].max().items():
-        if t == t:  # NaN: a method that did not run here
+        if pd.notna(t):  # NaN: a method that did not run here (no figure rather than a zero)
             m[f"gpu_bench/gemm_{method}_best_tflops"] = float(t)
     best_fp8 = m.get("gpu_bench/gemm_fp8_block_best_tflops")
     if peak and best_fp8 is not None:

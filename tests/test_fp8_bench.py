@@ -122,7 +122,7 @@ def test_cuda_info():
         assert info["gpu"] == torch.cuda.get_device_name(0) and len(info["capability"]) == 2
     else:
         assert info == {"gpu": None}
-    assert gpu_bench.NO_GPU_EXIT not in range(0, 6)  # never mistaken for a pytest status
+    assert gpu_bench.NO_GPU_EXIT not in range(6)  # never mistaken for a pytest status
 
 
 @pytest.mark.skipif(not runtime.triton_interpreted(), reason="checks the interpreter's fixed GEMM launch")
