@@ -196,3 +196,21 @@ def test_forward_and_generate_reject_bad_inputs():
         model.generate(x, 3, temperature=-1.0)
     with pytest.raises(ValueError, match="prompt"):
         model.generate(x[0], 3)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_decode_logits_replays_what_generate_sampled(qkv_bias):
+    model = _model(seed=9, qkv_bias=qkv_bias)
+    if qkv_bias:
+        with torch.no_grad():
+            for blk in model.layers:
+                blk.self_attn.k_proj.bias.normal_()
+    prompt, pmask = _left_padded(4, 5, 37, seed=9)
+    out = model.generate(prompt, 7, prompt_mask=pmask, temperature=0.8, eos_id=3,
+                         generator=torch.Generator().manual_seed(1))
+    logits = model.decode_logits(prompt, out.tokens, prompt_mask=pmask, response_mask=out.mask,
+                                 cache=model.new_cache(4, 12))
+    logp = torch.log_softmax(logits / 0.8, -1).gather(-1, out.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp[out.mask], out.logprobs[out.mask], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="max_len"):
+        model.decode_logits(prompt, out.tokens, cache=model.new_cache(4, 11))

@@ -57,6 +57,8 @@ class DecoderConfig:
     """Longest sequence (prompt + generated) the model is used with; bounds RoPE positions and cache sizes."""
     qk_norm: bool = True
     """RMSNorm on q and k per head before RoPE (Qwen3); False = Llama / Qwen2.5."""
+    qkv_bias: bool = False
+    """Biases on q_proj / k_proj / v_proj (Qwen2 / Qwen2.5 have them; Llama and Qwen3 do not)."""
     rope_theta: float = 10000.0
     """RoPE base (Llama-2 / nanoGPT-style default; Qwen3 uses 1e6 for long contexts)."""
     norm_eps: float = 1e-6
@@ -78,8 +80,9 @@ class DecoderConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm must be a bool, got {self.qk_norm!r}")
+        for name in ("qk_norm", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 class GenerationOutput(NamedTuple):
@@ -132,9 +135,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, hkv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, hkv * d, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, hkv * d, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, hkv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, hkv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.d_model, bias=False)
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
@@ -205,6 +208,8 @@ class Decoder(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -267,6 +272,27 @@ class Decoder(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, mask, cache)
         return self.lm_head(self.norm(x)).float()
+
+    @torch.no_grad()
+    def decode_logits(self, prompt: torch.Tensor, response: torch.Tensor, *, cache: KVCacheBase,
+                      prompt_mask: torch.Tensor | None = None, response_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The logits a rollout engine computes while decoding ``response`` long ``[B, T_new]`` after ``prompt``
+        ``[B, T0]`` token by token through ``cache`` (reset first): fp32 ``[B, T_new, V]``, row ``j`` being the
+        distribution ``response[:, j]`` was drawn from. Same calls as :meth:`generate` (one prefill, then one
+        token per step), with the tokens given instead of sampled; masks as in :meth:`generate` (response_mask
+        False after EOS)."""
+        b, t_new = response.shape
+        if cache.max_len < prompt.shape[1] + t_new:
+            raise ValueError(f"cache.max_len must be >= {prompt.shape[1] + t_new}, got {cache.max_len}")
+        if response_mask is None:
+            response_mask = torch.ones_like(response, dtype=torch.bool)
+        cache.reset()
+        out = torch.empty(b, t_new, self.cfg.vocab_size, dtype=torch.float32, device=response.device)
+        out[:, 0] = self(prompt, cache=cache, mask=prompt_mask)[:, -1]
+        for j in range(1, t_new):
+            out[:, j] = self(response[:, j - 1:j], cache=cache, mask=response_mask[:, j - 1:j])[:, -1]
+        return out
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, prompt_mask: torch.Tensor | None = None,
