@@ -93,3 +93,38 @@ def test_save_and_load_reject_bad_inputs(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quant_method"):
         load_fp8_checkpoint(out)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "head"])
+def test_kv_scales_round_trip_under_the_engine_names(tmp_path, granularity):
+    from safetensors import safe_open
+
+    from helpers.fp8.checkpoint import load_kv_scales
+    from helpers.kvcache import Fp8KVCache, calibrate_kv_scales
+    from helpers.models import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_model=32, d_ff=64,
+                        max_seq_len=32, qk_norm=False)
+    model = Decoder(cfg).eval()
+    scales = calibrate_kv_scales(model, [torch.randint(0, 40, (3, 9))], policy="nemo_rl", granularity=granularity)
+    fp8 = quantize_model(model, backend="torch")
+    out = save_fp8_checkpoint(fp8, tmp_path / "ckpt", config={"model_type": "toy"}, kv_scales=scales)
+    want_shape = {"k": () if granularity == "tensor" else (2,), "q": () if granularity == "tensor" else (4,)}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        for i in range(2):
+            for name in ("k", "v", "q"):
+                t = f.get_tensor(f"layers.{i}.self_attn.{name}_scale")
+                assert t.dtype == torch.float32 and tuple(t.shape) == want_shape["q" if name == "q" else "k"]
+                assert torch.equal(t, getattr(scales, name)[i])
+    back = load_kv_scales(out)
+    assert torch.equal(back.q, scales.q) and torch.equal(back.k, scales.k) and torch.equal(back.v, scales.v)
+    torch.manual_seed(1)
+    loaded = load_fp8_checkpoint(out, Decoder(cfg).eval())  # the scales are skipped by the module load
+    ids = torch.randint(0, 40, (2, 6))
+    assert torch.equal(loaded(ids), fp8(ids))
+    cache = Fp8KVCache.from_config(cfg, 2, 12, granularity=granularity, scales=back)  # and go straight into a cache
+    assert torch.equal(cache.k_scale, scales.k)
+    assert load_kv_scales(save_fp8_checkpoint(fp8, tmp_path / "plain")) is None
+    hf = save_fp8_checkpoint(fp8, tmp_path / "hf", kv_scales=scales, kv_scale_prefix="model.layers.{i}.self_attn.")
+    assert torch.equal(load_kv_scales(hf, kv_scale_prefix="model.layers.{i}.self_attn.").k, scales.k)

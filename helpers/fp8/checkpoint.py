@@ -10,6 +10,13 @@ A checkpoint is a directory with
   "weight_block_size": [128, 128]}``; models quantized with power-of-two scales also carry ``"scale_fmt": "ue8m0"``
   (DeepSeek-V3.1's key for DeepGEMM's UE8M0 scales).
 
+FP8 KV-cache scales (optional, ``kv_scales=`` a :class:`helpers.kvcache.KVScales`): per attention layer ``i``
+the fp32 tensors ``layers.{i}.self_attn.k_scale``, ``v_scale`` and ``q_scale`` (shape ``[]`` per tensor, or
+``[num_kv_heads]`` / ``[num_heads]`` per head) - the names vLLM's ``BaseKVCacheMethod``
+(``vllm/model_executor/layers/quantization/kv_cache.py``) loads into each attention layer when the engine runs
+with ``kv_cache_dtype="fp8"``, instead of falling back to 1.0. ``kv_scale_prefix`` places them under another
+module path (``"model.layers.{i}.self_attn."`` for an HF-style ``...ForCausalLM`` wrapper).
+
 Round trip is bit-exact: the same bytes come back, with the same dtypes and shapes.
 """
 
@@ -18,17 +25,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from helpers.fp8.linear import Fp8Linear, fp8_linears
 
-__all__ = ["save_fp8_checkpoint", "load_fp8_checkpoint", "quantization_config"]
+if TYPE_CHECKING:
+    from helpers.kvcache.scales import KVScales
+
+__all__ = ["save_fp8_checkpoint", "load_fp8_checkpoint", "load_kv_scales", "quantization_config"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+KV_SCALE_PREFIX = "layers.{i}.self_attn."  # helpers.models.Decoder's attention modules
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale")
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
@@ -49,10 +61,13 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
 
 
 def save_fp8_checkpoint(model: nn.Module, path: str | os.PathLike, *,
-                        config: dict[str, Any] | None = None) -> Path:
+                        config: dict[str, Any] | None = None, kv_scales: "KVScales | None" = None,
+                        kv_scale_prefix: str = KV_SCALE_PREFIX) -> Path:
     """Write ``model`` (after :func:`~helpers.fp8.quantize_model`) to the directory ``path`` (created if needed).
 
     ``config`` (e.g. the original model's ``config.json`` dict) is written with ``quantization_config`` added.
+    ``kv_scales``: calibrated FP8 KV-cache scales, written as ``<prefix>k_scale`` / ``v_scale`` / ``q_scale`` per
+    layer (module docstring).
     Tensors that share storage (tied embeddings) are saved as separate copies, as safetensors requires.
     Returns the directory.
     """
@@ -70,6 +85,8 @@ def save_fp8_checkpoint(model: nn.Module, path: str | os.PathLike, *,
             t = t.contiguous().clone()
         seen_ptrs.add(ptr)
         tensors[key] = t
+    if kv_scales is not None:
+        tensors.update(kv_scales.state_dict(kv_scale_prefix))
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     full_cfg = dict(config or {})
     full_cfg["quantization_config"] = qcfg
@@ -86,7 +103,8 @@ def load_fp8_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     * ``model`` given (a high-precision model of the same architecture, or an FP8 one): every module ``L`` with an
       ``L.weight_scale_inv`` in the file becomes an :class:`Fp8Linear` (block size and scale format from the
       config, ``backend`` as given) unless it already is one, then the tensors are loaded with ``strict=True``
-      (copied bit for bit). Returns ``model``.
+      (copied bit for bit). KV-cache scales in the file (``*.k_scale`` / ``v_scale`` / ``q_scale``) are not
+      module tensors and are skipped here; read them with :func:`load_kv_scales`. Returns ``model``.
     """
     from safetensors.torch import load_file
 
@@ -121,5 +139,19 @@ def load_fp8_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                         device=next(current.parameters(), torch.empty(0)).device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.endswith(KV_SCALE_SUFFIXES)}, strict=True)
     return model
+
+
+def load_kv_scales(path: str | os.PathLike, *, kv_scale_prefix: str = KV_SCALE_PREFIX) -> "KVScales | None":
+    """The FP8 KV-cache scales of a checkpoint written with ``save_fp8_checkpoint(..., kv_scales=...)``, as a
+    :class:`~helpers.kvcache.KVScales` (bit-exact), or None when the checkpoint carries none."""
+    from safetensors import safe_open
+
+    from helpers.kvcache.scales import KVScales
+
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
+        keys = [k for k in f.keys() if k.endswith(KV_SCALE_SUFFIXES)]
+        if not keys:
+            return None
+        return KVScales.from_state_dict({k: f.get_tensor(k) for k in keys}, kv_scale_prefix)
