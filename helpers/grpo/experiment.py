@@ -1,0 +1,232 @@
+"""The arms of notebook 05, their runs over paired seeds, summaries, and the engine / GEMM benchmarks.
+
+An arm is an engine configuration (:class:`~helpers.grpo.engine.EngineConfig`) and a rollout correction
+(:class:`~helpers.grpo.trainer.Correction`). :func:`run_arms` trains every arm from the same pre-trained policy for
+every seed (same seed = same prompts in every arm) and returns one long table (a row per arm, seed and step).
+:func:`engine_settings` lists, per arm, the equivalent settings of veRL and NeMo-RL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from helpers.core.timing import median_time
+from helpers.fp8.linear import fp8_linears
+from helpers.fp8.quant import block_fp8_matmul, quant_act
+from helpers.grpo import task
+from helpers.grpo.engine import EngineConfig, RolloutEngine
+from helpers.grpo.trainer import CORRECTIONS, Correction, GRPOConfig, run_grpo, sequence_logprobs
+from helpers.models.decoder import Decoder
+from helpers.rl import rollout_correction as rc
+
+__all__ = ["Arm", "ENGINES", "BENCH_ENGINES", "make_arms", "run_arms", "summarize", "engine_settings", "bench_engines",
+           "gemm_path_accuracy"]
+
+# The engine configurations of the issue, plus the scale levers of the FP8 KV cache. The training arms run the
+# exact block-scaled GEMM with fp32 scales (vLLM's block-FP8 semantics): the bf16 fast path rounds fp32-scaled
+# operands to bf16, which on this position-sensitive model is a mismatch of its own (measured by
+# gemm_path_accuracy); it is exact with ue8m0 scales, the "fp8 ue8m0 bf16-gemm" benchmark row.
+ENGINES = {
+    "bf16": EngineConfig(),
+    "fp8": EngineConfig(linear="fp8", gemm="exact"),
+    "fp8+kv": EngineConfig(linear="fp8", gemm="exact", kv_cache="fp8", kv_policy="nemo_rl"),
+    "fp8+kv stale": EngineConfig(linear="fp8", gemm="exact", kv_cache="fp8", kv_policy="nemo_rl_once"),
+    "fp8+kv unit": EngineConfig(linear="fp8", gemm="exact", kv_cache="fp8", kv_policy="unit"),
+}
+# Engine configurations timed side by side by bench_engines (the training arms' engines and the GEMM paths).
+BENCH_ENGINES = {
+    "bf16": ENGINES["bf16"],
+    "fp8 exact-gemm": ENGINES["fp8"],
+    "fp8 bf16-gemm": EngineConfig(linear="fp8", gemm="bf16"),
+    "fp8 ue8m0 bf16-gemm": EngineConfig(linear="fp8", gemm="bf16", scale_fmt="ue8m0"),
+    "fp8+kv exact-gemm": ENGINES["fp8+kv"],
+    "fp8+kv bf16-gemm": EngineConfig(linear="fp8", gemm="bf16", kv_cache="fp8", kv_policy="nemo_rl"),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: ``engine`` (a key of :data:`ENGINES`) and ``correction`` (a key of ``CORRECTIONS``)."""
+
+    engine: str
+    correction: str
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {self.engine!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {sorted(CORRECTIONS)}, got {self.correction!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine} / {CORRECTIONS[self.correction].label}"
+
+
+def make_arms(engines: Sequence[str], corrections: Sequence[str]) -> list[Arm]:
+    """BF16 with no correction (a bf16 engine has no FP8 mismatch to correct), then every FP8 engine in
+    ``engines`` with every correction in ``corrections``."""
+    arms = [Arm("bf16", "none")] if "bf16" in engines else []
+    return arms + [Arm(e, c) for e in engines if e != "bf16" for c in corrections]
+
+
+def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GRPOConfig,
+             progress: bool = True) -> pd.DataFrame:
+    """Train every arm for every seed; a long DataFrame with columns ``arm``, ``engine``, ``correction``, ``seed``,
+    ``step`` and every metric of :func:`~helpers.grpo.trainer.run_grpo`."""
+    arms = list(arms)
+    jobs = [(a, s) for a in arms for s in seeds]
+    if progress:
+        from tqdm.auto import tqdm
+
+        jobs = tqdm(jobs, desc="arms x seeds")
+    rows = []
+    for arm, seed in jobs:
+        for r in run_grpo(policy, ENGINES[arm.engine], CORRECTIONS[arm.correction], cfg, seed):
+            rows.append({"arm": arm.name, "engine": arm.engine, "correction": arm.correction, "seed": seed, **r})
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame, last: int = 10) -> pd.DataFrame:
+    """Per arm (and seed-averaged): final reward (mean of the last ``last`` steps), final and initial eval accuracy,
+    and the mismatch / correction metrics averaged over all steps; ``_sd`` columns are the between-seed standard
+    deviations of the per-seed values."""
+    steps = df["step"].max()
+    per_seed = []
+    for (arm, seed), g in df.groupby(["arm", "seed"], sort=False):
+        ev = g.dropna(subset=["eval/acc"])
+        per_seed.append({
+            "arm": arm, "seed": seed, "engine": g["engine"].iloc[0], "correction": g["correction"].iloc[0],
+            "reward_final": g[g["step"] > steps - last]["reward/mean"].mean(),
+            "acc_start": ev["eval/acc"].iloc[0], "acc_final": ev["eval/acc"].iloc[-1],
+            "kl_k1": g["mismatch/kl"].mean(), "kl_k3": g["mismatch/k3_kl"].mean(),
+            "token_mult_prob_error": g["mismatch/token_mult_prob_error"].mean(),
+            "frac_ratio_above_2": g["mismatch/fraction_truncated"].mean(),
+            "rejected_fraction_token": g["correction/rejected_fraction_token"].mean(),
+            "tokens_per_s": g["engine/tokens_per_s"].median(),
+            "sync_recalib_fraction": ((g["engine/sync_s"] + g["engine/recalib_s"]) / g["time/step_s"]).median(),
+        })
+    ps = pd.DataFrame(per_seed)
+    value_cols = [c for c in ps.columns if c not in ("arm", "seed", "engine", "correction")]
+    mean = ps.groupby(["arm", "engine", "correction"], sort=False)[value_cols].mean()
+    sd = ps.groupby(["arm", "engine", "correction"], sort=False)[["reward_final", "acc_final"]].std(ddof=1)
+    out = mean.join(sd.add_suffix("_sd")).reset_index()
+    out.insert(3, "seeds", ps.groupby("arm", sort=False)["seed"].count().values)
+    return out
+
+
+def engine_settings(arm: Arm, cfg: GRPOConfig) -> dict[str, str]:
+    """The settings that run ``arm`` at scale: veRL (``actor_rollout_ref.rollout.quantization`` of veRL's
+    ``docs/advance/fp8.md``; ``algorithm.rollout_correction.*`` of ``docs/algo/rollout_corr.md``; vLLM engine
+    arguments ``kv_cache_dtype`` / ``calculate_kv_scales`` passed through ``rollout.engine_kwargs.vllm``, and
+    veRL PR #4435 for per-step recalibration) and NeMo-RL (``policy.generation.vllm_cfg.precision`` /
+    ``kv_cache_dtype``; scales recalibrated every step by PR #1212; ``loss_fn.use_importance_sampling_correction``)."""
+    e, c = ENGINES[arm.engine], CORRECTIONS[arm.correction]
+    kv_fp8 = e.kv_cache == "fp8"
+    recal = {"nemo_rl": "every step (veRL PR #4435 / NeMo-RL PR #1212)", "nemo_rl_once": "once (stale)",
+             "vllm": "once, first batch (calculate_kv_scales)", "unit": "none: scale 1.0"}.get(e.kv_policy, e.kv_policy)
+    if c.kind == "none":
+        is_mode, is_thr, rs_mode, rs_thr = "null", "-", "null", "-"
+    elif c.kind == "is":
+        is_mode, rs_mode, rs_thr = c.level, "null", "-"
+        is_thr = "inf (no cap: a very large value)" if math.isinf(c.threshold) else f"{c.threshold:g}"
+    else:
+        is_mode, is_thr, rs_mode = "null", "-", c.level
+        rs_thr = f"{c.threshold:g} (lower {1 / c.threshold:g})"
+    return {
+        "arm": arm.name,
+        "verl rollout.quantization": "fp8" if e.linear == "fp8" else "null (bf16)",
+        "verl engine_kwargs.vllm.kv_cache_dtype": "fp8_e4m3" if kv_fp8 else "auto",
+        "KV scale recalibration": recal if kv_fp8 else "-",
+        "verl rollout_correction.rollout_is": is_mode,
+        "rollout_is_threshold": is_thr,
+        "verl rollout_correction.rollout_rs": rs_mode,
+        "rollout_rs_threshold": rs_thr,
+        "verl actor.loss_agg_mode": cfg.loss_agg_mode,
+        "verl actor.clip_ratio_low / high / c": f"{cfg.clip_low:g} / {cfg.clip_high:g} / {cfg.clip_c:g}",
+        "nemo-rl vllm_cfg.precision": "fp8" if e.linear == "fp8" else "bfloat16",
+        "nemo-rl vllm_cfg.kv_cache_dtype": "fp8" if kv_fp8 else "auto",
+        "nemo-rl loss_fn.use_importance_sampling_correction":
+            "true (token IS)" if c.kind == "is" and c.level == "token" else ("-" if c.kind != "none" else "false"),
+    }
+
+
+def _prompts(n: int, n_digits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = task.sample_problems(n, n_digits, torch.Generator().manual_seed(seed))
+    return task.encode_prompts(probs), task.encode_answers(probs)
+
+
+def bench_engines(policy: Decoder, configs: dict[str, EngineConfig], *, batch: int, n_digits: int,
+                  repeats: int = 5) -> pd.DataFrame:
+    """Rollout tokens/s of each engine configuration, side by side on the same prompts (median of ``repeats``
+    timed ``generate`` calls after one warm-up, :func:`helpers.core.timing.median_time`), and each config's
+    sync and recalibration time. Columns: ``engine``, ``tokens_per_s``, ``ratio_vs_bf16``, ``sync_s``,
+    ``recalib_s``, ``gemm``."""
+    prompts, answers = _prompts(batch, n_digits, 1)
+    calib = torch.cat([prompts, answers], 1)
+    a_len = task.answer_len(n_digits)
+    rows = []
+    for name, ec in configs.items():
+        eng = RolloutEngine(policy, ec, batch=batch, max_len=prompts.shape[1] + a_len, calib_batch=calib)
+        g = torch.Generator().manual_seed(0)
+        n_tok = float(eng.generate(prompts, a_len, temperature=1.0, eos_id=task.EOS, pad_id=task.PAD,
+                                   generator=g).mask.sum())
+        t = median_time(lambda: eng.generate(prompts, a_len, temperature=1.0, eos_id=task.EOS, pad_id=task.PAD,
+                                             generator=g), repeats=repeats, warmup=1)
+        t_sync = median_time(lambda: eng.sync(policy, calib), repeats=repeats, warmup=1)
+        s = eng.sync(policy, calib)
+        rows.append({"engine": name, "tokens_per_s": n_tok / t, "generate_s": t, "sync_s": t_sync,
+                     "recalib_s": s["engine/recalib_s"], "gemm": ec.gemm if ec.linear == "fp8" else "-"})
+    out = pd.DataFrame(rows)
+    base = out.loc[out["engine"] == "bf16", "tokens_per_s"]
+    out["ratio_vs_bf16"] = out["tokens_per_s"] / (float(base.iloc[0]) if len(base) else float("nan"))
+    return out
+
+
+@torch.no_grad()
+def gemm_path_accuracy(policy: Decoder, *, n_digits: int, batch: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the ``"bf16"`` GEMM path costs against the exact block-scaled GEMM, measured on the policy.
+
+    Returns (per_layer, per_engine): per FP8 layer and scale format, the relative error (Frobenius) of the bf16
+    path's output against ``block_fp8_matmul`` (both in bf16) on that layer's real input activations; and per
+    engine variant (gemm "exact" / "bf16", scale "fp32" / "ue8m0") the k1 / k3 KL and token_mult_prob_error of
+    its teacher-forced log-probs against the fp32 policy - the FP8 mismatch itself - so the path's own error can be
+    read beside it."""
+    prompts, answers = _prompts(batch, n_digits, 2)
+    mask = torch.ones_like(answers, dtype=torch.float32)
+    ref_logp = sequence_logprobs(policy, prompts, answers, 1.0)
+    layer_rows, engine_rows = [], []
+    for scale_fmt in ("fp32", "ue8m0"):
+        engines = {gemm: RolloutEngine(policy, EngineConfig(linear="fp8", scale_fmt=scale_fmt, gemm=gemm),
+                                       batch=batch, max_len=prompts.shape[1] + answers.shape[1]) for gemm in
+                   ("exact", "bf16")}
+        # Inputs of every FP8 layer on a teacher-forced batch, captured on the bf16-path engine.
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
+                 for n, m in fp8_linears(engines["bf16"].model).items()]
+        sequence_logprobs(engines["bf16"].model, prompts, answers, 1.0)
+        for h in hooks:
+            h.remove()
+        for name, layer in fp8_linears(engines["bf16"].model).items():
+            x = inputs[name].reshape(-1, layer.in_features)
+            xq, xs = quant_act(x, layer.weight_block_size[1], scale_fmt=scale_fmt, backend="torch")
+            # Like with like: both outputs in the engine's bf16 (the exact GEMM rounds its fp32 accumulator too).
+            exact = block_fp8_matmul(xq, xs, layer.weight, layer.weight_scale_inv, block_size=layer.weight_block_size,
+                                     out_dtype=x.dtype, backend="torch").float()
+            fast = layer(x).float()
+            layer_rows.append({"layer": name, "scale_fmt": scale_fmt,
+                               "rel_err_bf16_vs_exact": float((fast - exact).norm() / exact.norm())})
+        for gemm, eng in engines.items():
+            lp = sequence_logprobs(eng.model, prompts, answers, 1.0).float()
+            m = rc.mismatch_metrics(ref_logp, lp, mask)
+            engine_rows.append({"gemm": gemm, "scale_fmt": scale_fmt, "kl_k1_vs_fp32": m["kl"],
+                                "kl_k3_vs_fp32": m["k3_kl"], "token_mult_prob_error": m["token_mult_prob_error"]})
+        a, b = (sequence_logprobs(engines[g].model, prompts, answers, 1.0).float() for g in ("exact", "bf16"))
+        m = rc.mismatch_metrics(a, b, mask)
+        engine_rows.append({"gemm": "bf16 vs exact", "scale_fmt": scale_fmt, "kl_k1_vs_fp32": m["kl"],
+                            "kl_k3_vs_fp32": m["k3_kl"], "token_mult_prob_error": m["token_mult_prob_error"]})
+    return pd.DataFrame(layer_rows), pd.DataFrame(engine_rows)
