@@ -50,7 +50,10 @@ SHAPES = [  # (B, H, H_kv, D, L)
 
 @pytest.mark.parametrize("kind", ["hp", "fp8_tensor", "fp8_head"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
-def test_triton_and_torch_paths_match_the_reference(kind, shape):
+def test_triton_and_torch_paths_match_the_reference(kind, shape, monkeypatch):
+    import helpers.kvcache.attention as attention
+
+    monkeypatch.setattr(attention, "DECODE_CHUNK", 32)  # several chunks on the torch path (L up to 130)
     b, h, hkv, d, n = shape
     cache, q = _filled(kind, b, h, hkv, d, n, seed=n)
     ref = decode_attention_reference(q, cache, 0)
@@ -99,3 +102,14 @@ def test_decode_attention_rejects_bad_inputs():
         decode_attention(q, empty, 0)
     with pytest.raises(ValueError, match="backend"):
         decode_attention(q, cache, 0, backend="cuda")
+
+
+def test_widen_fp8_codes_is_exact_for_every_finite_code():
+    from helpers.kvcache.attention import WIDEN_FACTOR, widen_fp8_codes
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = ~torch.isnan(codes.float())
+    widened = widen_fp8_codes(codes.reshape(4, 64)).reshape(-1)
+    assert widened.dtype == torch.float32
+    assert torch.equal(widened[finite] * WIDEN_FACTOR, codes.float()[finite])  # subnormals and -0 included
+    assert torch.equal(torch.signbit(widened[finite]), torch.signbit(codes.float()[finite]))
