@@ -39,9 +39,9 @@ __all__ = ["Correction", "CORRECTIONS", "GRPOConfig", "sequence_logprobs", "run_
 
 CORRECTION_KINDS = ("none", "is", "mis")
 # Rollout rows (prompt + response) the FP8 KV scales are recalibrated on after each update: NeMo-RL calibrates on a
-# few training micro-batches, not the whole batch; 32 rows of this task are ~900 tokens, enough for a stable amax,
+# few training micro-batches, not the whole batch; 16 rows of this task are ~430 tokens, enough for a stable amax,
 # and keep the calibration forward a small part of the step.
-KV_CALIB_ROWS = 32
+KV_CALIB_ROWS = 16
 
 
 @dataclass(frozen=True)
