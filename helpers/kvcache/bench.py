@@ -40,9 +40,11 @@ def decode_attention_benchmark(context_lengths: Sequence[int] = (512, 2048, 8192
                                hp_dtype: torch.dtype = torch.bfloat16, granularity: str = "tensor",
                                backend: str = "auto", device: torch.device | str | None = None,
                                timer: Callable[..., list[float]] = wall_clock_bench,
-                               quantiles: Sequence[float] = (0.5, 0.2, 0.8), seed: int = 0) -> pd.DataFrame:
-    """Rows ``(context, cache, backend, ms, ms_p20, ms_p80, kv_bytes, gb_per_s, ratio_vs_hp)``; defaults are one
-    Qwen3-8B attention layer (32 query heads, 8 KV heads of 128) for 4 sequences."""
+                               quantiles: Sequence[float] = (0.5, 0.2, 0.8), rounds: int = 3,
+                               seed: int = 0) -> pd.DataFrame:
+    """Rows ``(context, cache, backend, ms, ms_p20, ms_p80, kv_bytes, gb_per_s, rounds, ratio_vs_hp)``; defaults
+    are one Qwen3-8B attention layer (32 query heads, 8 KV heads of 128) for 4 sequences. Each cache is timed in
+    ``rounds`` interleaved rounds (one ``timer`` call each); the figures are the medians over rounds."""
     dev = torch.device(device) if device is not None else runtime.device()
     name = runtime.resolve_backend(backend)
     rows = []
@@ -58,14 +60,22 @@ def decode_attention_benchmark(context_lengths: Sequence[int] = (512, 2048, 8192
                          scales=KVScales(qs[None], ks[None], vs[None]))
         fp8.append(0, k, v)
         del k, v
+        # Interleave the two caches over `rounds` rounds and take the median of each one's per-round figures, so a
+        # load change on a shared machine hits both alike instead of whichever was timed second.
+        caches = ((str(hp_dtype).replace("torch.", ""), hp), ("fp8_e4m3", fp8))
+        per_round: dict[str, list[list[float]]] = {label: [] for label, _ in caches}
+        for _ in range(rounds):
+            for label, cache in caches:
+                per_round[label].append(timer(lambda c=cache: decode_attention(q, c, 0, backend=name),
+                                              quantiles=list(quantiles)))
         times = {}
-        for label, cache in ((str(hp_dtype).replace("torch.", ""), hp), ("fp8_e4m3", fp8)):
-            ms = timer(lambda c=cache: decode_attention(q, c, 0, backend=name), quantiles=list(quantiles))
+        for label, cache in caches:
+            ms = [float(x) for x in torch.tensor(per_round[label]).median(dim=0).values]
             kv_bytes = 2 * batch * n_kv_head * n * head_dim * cache.k.element_size()
             times[label] = ms[0]
             rows.append({"context": n, "cache": label, "backend": name, "device": str(dev), "ms": ms[0],
                          "ms_p20": ms[1] if len(ms) > 1 else None, "ms_p80": ms[2] if len(ms) > 2 else None,
-                         "kv_bytes": kv_bytes, "gb_per_s": kv_bytes / (ms[0] * 1e-3) / GB})
+                         "kv_bytes": kv_bytes, "gb_per_s": kv_bytes / (ms[0] * 1e-3) / GB, "rounds": rounds})
         hp_ms = next(iter(times.values()))
         for row in rows[-2:]:
             row["ratio_vs_hp"] = row["ms"] / hp_ms
