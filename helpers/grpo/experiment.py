@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from helpers.core.timing import median_time
+from helpers.core.timing import median_time, single_thread
 from helpers.fp8.linear import fp8_linears
 from helpers.fp8.quant import block_fp8_matmul, quant_act
 from helpers.grpo import task
@@ -86,7 +86,11 @@ def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GR
         jobs = tqdm(jobs, desc="arms x seeds")
     rows = []
     for arm, seed in jobs:
-        for r in run_grpo(policy, ENGINES[arm.engine], CORRECTIONS[arm.correction], cfg, seed):
+        # One intra-op thread: this model's ops are tiny, and waking torch's pool costs more than they do when the
+        # other core is busy (helpers.core.timing.single_thread); it also makes the timings far less noisy.
+        with single_thread():
+            hist = run_grpo(policy, ENGINES[arm.engine], CORRECTIONS[arm.correction], cfg, seed)
+        for r in hist:
             rows.append({"arm": arm.name, "engine": arm.engine, "correction": arm.correction, "seed": seed, **r})
     return pd.DataFrame(rows)
 
@@ -161,26 +165,39 @@ def _prompts(n: int, n_digits: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def bench_engines(policy: Decoder, configs: dict[str, EngineConfig], *, batch: int, n_digits: int,
-                  repeats: int = 5) -> pd.DataFrame:
-    """Rollout tokens/s of each engine configuration, side by side on the same prompts (median of ``repeats``
-    timed ``generate`` calls after one warm-up, :func:`helpers.core.timing.median_time`), and each config's
-    sync and recalibration time. Columns: ``engine``, ``tokens_per_s``, ``ratio_vs_bf16``, ``sync_s``,
-    ``recalib_s``, ``gemm``."""
+                  repeats: int = 5, rounds: int = 5) -> pd.DataFrame:
+    """Rollout tokens/s of each engine configuration, side by side on the same prompts, and each one's weight sync
+    and KV recalibration time.
+
+    The engines are timed round-robin - ``rounds`` rounds, each timing every engine with
+    :func:`helpers.core.timing.median_time` (``repeats`` calls) - and the median over rounds is reported, so that
+    a burst of load from other processes on a shared machine hits every engine alike. One intra-op thread, as in
+    training (:func:`run_arms`). Columns: ``engine``, ``tokens_per_s``, ``ratio_vs_bf16``, ``generate_s``,
+    ``generate_s_min`` / ``_max`` (over rounds), ``sync_s``, ``recalib_s``, ``gemm``."""
     prompts, answers = _prompts(batch, n_digits, 1)
     calib = torch.cat([prompts, answers], 1)
     a_len = task.answer_len(n_digits)
+    with single_thread():
+        built = {name: RolloutEngine(policy, ec, batch=batch, max_len=prompts.shape[1] + a_len, calib_batch=calib)
+                 for name, ec in configs.items()}
+        gens = {name: (lambda e=eng: e.generate(prompts, a_len, temperature=1.0, eos_id=task.EOS, pad_id=task.PAD,
+                                                 generator=torch.Generator().manual_seed(0)))
+                for name, eng in built.items()}
+        n_tok = {name: float(gen().mask.sum()) for name, gen in gens.items()}  # also the warm-up
+        times: dict[str, list[float]] = {name: [] for name in built}
+        syncs: dict[str, list[float]] = {name: [] for name in built}
+        for _ in range(rounds):
+            for name, gen in gens.items():
+                times[name].append(median_time(gen, repeats=repeats, warmup=0))
+                syncs[name].append(median_time(lambda e=built[name]: e.sync(policy, calib), repeats=1, warmup=0))
+        recal = {name: eng.sync(policy, calib)["engine/recalib_s"] for name, eng in built.items()}
     rows = []
     for name, ec in configs.items():
-        eng = RolloutEngine(policy, ec, batch=batch, max_len=prompts.shape[1] + a_len, calib_batch=calib)
-        g = torch.Generator().manual_seed(0)
-        n_tok = float(eng.generate(prompts, a_len, temperature=1.0, eos_id=task.EOS, pad_id=task.PAD,
-                                   generator=g).mask.sum())
-        t = median_time(lambda: eng.generate(prompts, a_len, temperature=1.0, eos_id=task.EOS, pad_id=task.PAD,
-                                             generator=g), repeats=repeats, warmup=1)
-        t_sync = median_time(lambda: eng.sync(policy, calib), repeats=repeats, warmup=1)
-        s = eng.sync(policy, calib)
-        rows.append({"engine": name, "tokens_per_s": n_tok / t, "generate_s": t, "sync_s": t_sync,
-                     "recalib_s": s["engine/recalib_s"], "gemm": ec.gemm if ec.linear == "fp8" else "-"})
+        t = float(torch.tensor(times[name]).median())
+        rows.append({"engine": name, "tokens_per_s": n_tok[name] / t, "generate_s": t,
+                     "generate_s_min": min(times[name]), "generate_s_max": max(times[name]),
+                     "sync_s": float(torch.tensor(syncs[name]).median()), "recalib_s": recal[name],
+                     "gemm": ec.gemm if ec.linear == "fp8" else "-"})
     out = pd.DataFrame(rows)
     base = out.loc[out["engine"] == "bf16", "tokens_per_s"]
     out["ratio_vs_bf16"] = out["tokens_per_s"] / (float(base.iloc[0]) if len(base) else float("nan"))
