@@ -24,8 +24,8 @@ from helpers.grpo.trainer import CORRECTIONS, Correction, GRPOConfig, run_grpo, 
 from helpers.models.decoder import Decoder
 from helpers.rl import rollout_correction as rc
 
-__all__ = ["Arm", "ENGINES", "BENCH_ENGINES", "make_arms", "run_arms", "summarize", "engine_settings", "bench_engines",
-           "gemm_path_accuracy"]
+__all__ = ["Arm", "ENGINES", "BENCH_ENGINES", "make_arms", "run_arms", "summarize", "paired_differences",
+           "engine_settings", "bench_engines", "gemm_path_accuracy"]
 
 # The engine configurations of the issue, plus the scale levers of the FP8 KV cache. The training arms run the
 # exact block-scaled GEMM with fp32 scales (vLLM's block-FP8 semantics): the bf16 fast path rounds fp32-scaled
@@ -121,6 +121,26 @@ def summarize(df: pd.DataFrame, last: int = 10) -> pd.DataFrame:
     out = mean.join(sd.add_suffix("_sd")).reset_index()
     out.insert(3, "seeds", ps.groupby("arm", sort=False)["seed"].count().values)
     return out
+
+
+def paired_differences(df: pd.DataFrame, pairs: Iterable[tuple[str, str]], metric: str = "eval/acc"
+                       ) -> pd.DataFrame:
+    """Seed-paired differences of the final ``metric`` (its last logged value per run) between arms.
+
+    For each ``(arm, reference)`` in ``pairs`` (arm names as in ``df["arm"]``): the mean over the seeds both ran of
+    ``final(arm) - final(reference)``, its standard error (between-seed SD of the differences / sqrt(n); NaN for
+    one seed) and n. Pairing removes what the seeds share (the same prompts, the same starting policy), so the SE is
+    that of the arm effect alone. Columns: ``arm``, ``reference``, ``diff``, ``se``, ``n``."""
+    final = df.dropna(subset=[metric]).sort_values("step").groupby(["arm", "seed"])[metric].last()
+    rows = []
+    for arm, ref in pairs:
+        if arm not in final.index.get_level_values(0) or ref not in final.index.get_level_values(0):
+            continue
+        d = (final.loc[arm] - final.loc[ref]).dropna()
+        n = len(d)
+        rows.append({"arm": arm, "reference": ref, "diff": float(d.mean()),
+                     "se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), "n": n})
+    return pd.DataFrame(rows, columns=["arm", "reference", "diff", "se", "n"])
 
 
 def engine_settings(arm: Arm, cfg: GRPOConfig) -> dict[str, str]:
