@@ -1,4 +1,4 @@
-"""helpers.dqn: the max-mean and tilted losses, the replay buffer, the update, seeding and input checks."""
+"""helpers.m2dqn.dqn and grid: losses, replay buffer, update, zoo settings, seeding and input checks."""
 
 import math
 

@@ -82,7 +82,8 @@ def test_stacked_update_equals_td_update(algo, m, b, clip):
         shape = (n, m * b)
         batch = {"obs": rng.normal(size=(*shape, obs_dim)).astype(np.float32),
                  "next_obs": rng.normal(size=(*shape, obs_dim)).astype(np.float32),
-                 "actions": rng.integers(0, n_actions, size=shape), "rewards": rng.normal(size=shape).astype(np.float32),
+                 "actions": rng.integers(0, n_actions, size=shape),
+                 "rewards": rng.normal(size=shape).astype(np.float32),
                  "dones": (rng.random(shape) < 0.2).astype(np.float32)}
         out = batched.stacked_td_update(q, t, opt, {k: torch.from_numpy(v) for k, v in batch.items()}, args, m)
         for i in range(n):

@@ -313,7 +313,7 @@ def curve_on_grid(steps: np.ndarray | Sequence[float], returns: np.ndarray | Seq
 
 def per_run_table(episodes: "pd.DataFrame", evals: "pd.DataFrame", *, window: int = 20, final_evals: int = 5,
                   thresholds: Mapping[str, float] | None = None) -> "pd.DataFrame":
-    """One row per run (``env_id``, ``method``, ``seed``) of :func:`helpers.dqn.run_grid`'s tables:
+    """One row per run (``env_id``, ``method``, ``seed``) of :func:`helpers.m2dqn.grid.run_grid`'s tables:
 
     * ``steps_to_threshold``: :func:`steps_to_threshold` of the training returns (NaN if never reached);
     * ``auc``: :func:`normalized_auc` of the greedy-evaluation curve, 0 = random policy, 1 = threshold;

@@ -8,13 +8,15 @@ reconstruction used here is stated in ``notebooks/04_m2dqn.ipynb``.
 
 Sections, in the order the algorithm runs:
 
-1. arguments (:class:`Args`) and per-environment defaults (:data:`ENV_DEFAULTS`)
+1. arguments (:class:`Args`) and per-environment defaults (:data:`ENV_DEFAULTS`: rl-baselines3-zoo's tuned DQN)
 2. replay buffer (:class:`ReplayBuffer`, a numpy ring buffer; ``M`` minibatches sampled in one call)
 3. Q-network (:class:`QNetwork`, a small MLP)
 4. losses: per-sample TD loss, :func:`max_mean_loss`, :func:`tilted_loss`
 5. the update (:func:`td_update`), shared by every method
 6. the training loop (:func:`train_dqn`) with periodic greedy evaluation on a separate env
-7. the experiment grid (:func:`method_configs`, :func:`run_grid`): a 2-process pool that works under papermill
+
+:mod:`helpers.m2dqn.batched` computes the same updates for N seeds at once (the notebook trains with it); the
+method, the controls and the sources are in ``docs/m2dqn.md``.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def make_args(env_id: str = "CartPole-v1", **overrides: Any) -> Args:
     names = {f.name for f in fields(Args)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(f"unknown argument(s) {unknown}; expected names of helpers.dqn.Args")
+        raise ValueError(f"unknown argument(s) {unknown}; expected names of helpers.m2dqn.dqn.Args")
     kw = {**ENV_DEFAULTS.get(env_id, {}), **overrides, "env_id": env_id}
     if kw.get("algo") == "m2dqn":
         kw.setdefault("num_batches", M2DQN_DEFAULT_M)
