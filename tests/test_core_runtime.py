@@ -85,3 +85,23 @@ def test_environment_info_records_versions_and_device():
     assert isinstance(info["cpu_model"], str) and info["cpu_model"]
     text = runtime.describe_environment()
     assert "device:" in text and "torch" in text
+
+
+def test_git_commit_is_dirty_for_code_changes_but_not_for_results(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "m.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(runtime, "REPO_ROOT", tmp_path)
+    assert runtime.git_commit() and not runtime.git_commit().endswith("-dirty")
+    (tmp_path / "results" / "m.json").write_text('{"new": 1}')
+    assert not runtime.git_commit().endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert runtime.git_commit().endswith("-dirty")

@@ -94,7 +94,10 @@ def _version(dist: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The repository's HEAD commit (with ``-dirty`` when the tree has uncommitted changes), or None."""
+    """The repository's HEAD commit (with ``-dirty`` when the tree has uncommitted changes), or None.
+
+    Changes under ``results/`` do not count: a run rewrites the committed results it is about to replace, and that
+    says nothing about the code that produced them."""
     try:
         proc = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", "-q", "HEAD"],
@@ -104,7 +107,7 @@ def git_commit() -> str | None:
         if proc.returncode != 0 or not sha:
             return None
         dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             capture_output=True, text=True, timeout=10,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
