@@ -100,8 +100,9 @@ def test_git_commit_is_dirty_for_code_changes_but_not_for_results(tmp_path, monk
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     monkeypatch.setattr(runtime, "REPO_ROOT", tmp_path)
-    assert runtime.git_commit() and not runtime.git_commit().endswith("-dirty")
+    commit = runtime.git_commit.__wrapped__  # the cached one answers for the process's own repository
+    assert commit() and not commit().endswith("-dirty")
     (tmp_path / "results" / "m.json").write_text('{"new": 1}')
-    assert not runtime.git_commit().endswith("-dirty")
+    assert not commit().endswith("-dirty")
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert runtime.git_commit().endswith("-dirty")
+    assert commit().endswith("-dirty")
