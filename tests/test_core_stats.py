@@ -1,4 +1,4 @@
-"""helpers.stats against hand computations."""
+"""helpers.core.stats against hand computations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for helpers.rollout_correction: every function against direct computations, and every bad input."""
+"""Tests for helpers.rl.rollout_correction: every function against direct computations, and every bad input."""
 
 import math
 
