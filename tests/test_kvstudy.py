@@ -10,8 +10,8 @@ import torch
 
 import helpers  # noqa: F401
 from helpers.kvcache.bench import calibration_cost, decode_attention_benchmark
-from helpers.kvcache.drift import DEFAULT_ARMS, Arm, DriftConfig, copy_batch, plant_outliers_, run_drift
-from helpers.kvcache.outliers import OUTLIER_METHODS, outlier_sweep
+from helpers.kvstudy.drift import DEFAULT_ARMS, Arm, DriftConfig, copy_batch, plant_outliers_, run_drift
+from helpers.kvstudy.outliers import OUTLIER_METHODS, outlier_sweep
 from helpers.models import Decoder, DecoderConfig
 
 TINY = DecoderConfig(vocab_size=16, n_layer=1, n_head=2, n_kv_head=1, head_dim=8, d_model=16, d_ff=32,
