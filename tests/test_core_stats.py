@@ -90,7 +90,8 @@ def test_per_run_and_summary_tables():
                        "charts/episodic_return": np.r_[np.zeros(20), np.full(20, 500.0)]})
     ev = pd.DataFrame({"env_id": "CartPole-v1", "method": "A", "seed": 0, "step": [2000, 4000],
                        "eval/return_mean": [100.0, 500.0]})
-    assert stats.per_run_table(ep, ev).iloc[0].final_eval == 300.0  # default: mean of the last 5 (here both) evals
+    first = stats.per_run_table(ep, ev).iloc[0]
+    assert first.final_eval == 300.0 and first.best_eval == 500.0  # default: mean of the last 5 (here both) evals
     runs = stats.per_run_table(ep, ev, final_evals=1)
     r = runs.iloc[0]
     # the window-20 mean reaches 475 once 19 of the 20 episodes score 500: episode index 38, step 3900

@@ -199,3 +199,37 @@ def test_per_run_trains_and_uses_weights():
     uni = batched.train_batched("CartPole-v1", seeds=[2, 5], **SHORT)
     # prioritized sampling changes what is learned from the first update on
     assert not np.allclose(run[0].losses["losses/td_loss"], uni[0].losses["losses/td_loss"])
+
+
+@pytest.mark.parametrize("algo_kw", [dict(algo="ddqn"), dict(algo="dqn"), dict(algo="m2dqn", num_batches=3)],
+                         ids=["ddqn", "dqn", "m2dqn"])
+def test_update_flops_counts_the_matmuls_of_one_gradient_step(algo_kw):
+    """bench.update_flops against torch's own FLOP counter over one stacked update of one run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from helpers.m2dqn import bench
+
+    args = dqn.make_args("CartPole-v1", batch_size=16, hidden=(24, 40), **algo_kw)
+    torch.manual_seed(0)
+    net = dqn.QNetwork(4, 2, args.hidden)
+    q, t = batched.StackedQNet([net]), batched.StackedQNet([net])
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    rows = args.batch_size * args.num_batches
+    rng = np.random.default_rng(0)
+    batch = {"obs": torch.randn(1, rows, 4), "next_obs": torch.randn(1, rows, 4),
+             "actions": torch.from_numpy(rng.integers(0, 2, (1, rows))), "rewards": torch.randn(1, rows),
+             "dones": torch.zeros(1, rows)}
+    with FlopCounterMode(display=False) as counter:
+        batched.stacked_td_update(q, t, opt, batch, args, args.num_batches)
+    assert bench.update_flops(args, 4, 2) == counter.get_total_flops()
+
+
+def test_batched_speedup_table():
+    from helpers.m2dqn import bench
+
+    out = bench.batched_speedup("CartPole-v1", n_runs=3, steps=300, label="tiny", hidden=(16, 16),
+                                train_frequency=50, grad_steps=2)
+    assert out["trainer"].tolist() == ["single-run", "batched x 3"] and out["speedup"].iloc[0] == 1.0
+    np.testing.assert_allclose(out["speedup"].iloc[1], out["env_steps_per_s"].iloc[1] / out["env_steps_per_s"].iloc[0])
+    assert (out["gflops"] > 0).all() and (out["peak_gflops"] > 0).all()
+    assert out["ceiling"].nunique() == 1 and out["ceiling"].iloc[0] > 1.0  # tiny net: far from compute-bound

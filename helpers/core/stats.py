@@ -318,7 +318,7 @@ def per_run_table(episodes: "pd.DataFrame", evals: "pd.DataFrame", *, window: in
     * ``steps_to_threshold``: :func:`steps_to_threshold` of the training returns (NaN if never reached);
     * ``auc``: :func:`normalized_auc` of the greedy-evaluation curve, 0 = random policy, 1 = threshold;
     * ``final_eval``: mean of the last ``final_evals`` greedy-evaluation mean returns; ``final_eval_norm``: the
-      same, normalised;
+      same, normalised; ``best_eval``: the highest greedy-evaluation mean return of the run;
     * ``final_train``: mean of the last ``window`` training-episode returns.
     """
     import pandas as pd
@@ -338,6 +338,7 @@ def per_run_table(episodes: "pd.DataFrame", evals: "pd.DataFrame", *, window: in
             "auc": normalized_auc(x, y, RANDOM_RETURNS[env_id], thr),
             "final_eval": mean_of_last(y[1:], final_evals),
             "final_eval_norm": float(normalize_return(env_id, mean_of_last(y[1:], final_evals))),
+            "best_eval": float(np.max(y[1:])),
             "final_train": float(np.mean(rets[-window:])) if rets.size else float("nan"),
         })
     return pd.DataFrame(rows)

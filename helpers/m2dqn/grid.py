@@ -14,11 +14,15 @@ from tqdm.auto import tqdm
 
 from helpers.m2dqn.batched import train_batched
 from helpers.m2dqn.dqn import Args, make_args
+from helpers.m2dqn.sb3_reference import sb3_kwargs, train_sb3_dqn
 
-__all__ = ["PRIMARY", "method_configs", "resolve", "arm_cost", "run_grid"]
+__all__ = ["PRIMARY", "REFERENCE", "method_configs", "resolve", "arm_cost", "run_grid"]
 
 # The method every comparison is about; the controls are defined relative to its M.
 PRIMARY = "M2DQN"
+# Stable-Baselines3's own DQN at the zoo's settings (helpers.m2dqn.sb3_reference): the level our baseline must reach.
+REFERENCE = "SB3 DQN"
+TRAINERS = ("batched", "sb3")
 
 
 def method_configs(num_batches: int = 2, sweep_m: Sequence[int] = (4, 8), tilt: float = 10.0,
@@ -27,6 +31,8 @@ def method_configs(num_batches: int = 2, sweep_m: Sequence[int] = (4, 8), tilt: 
 
     Returns, in order:
 
+    * ``SB3 DQN``: Stable-Baselines3's DQN at the zoo's settings (``trainer="sb3"``): the reference level;
+    * ``DQN``: our vanilla DQN, the same algorithm as SB3's (batched trainer);
     * ``DDQN``: Double DQN, one minibatch of B per gradient step (the rl-baselines3-zoo schedule);
     * ``M2DQN``: M minibatches of B, loss = max of their means;
     * ``M2DQN M<m>`` for each ``m`` in ``sweep_m``: the same with m minibatches;
@@ -39,6 +45,8 @@ def method_configs(num_batches: int = 2, sweep_m: Sequence[int] = (4, 8), tilt: 
         if not isinstance(v, int) or v < 2:
             raise ValueError(f"{name} must be an int >= 2 (M = 1 is DDQN), got {v!r}")
     out: dict[str, dict[str, Any]] = {
+        REFERENCE: dict(algo="dqn", trainer="sb3"),
+        "DQN": dict(algo="dqn"),
         "DDQN": dict(algo="ddqn"),
         PRIMARY: dict(algo="m2dqn", num_batches=num_batches, loss_agg="max"),
     }
@@ -55,12 +63,13 @@ def method_configs(num_batches: int = 2, sweep_m: Sequence[int] = (4, 8), tilt: 
 
 
 def resolve(cfg: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """Split an arm into (env_id, method label, ``make_args`` kwargs, ``seeds`` kept if present):
+    """Split an arm into (env_id, method label, ``make_args`` kwargs): ``seeds`` and ``trainer`` are dropped,
     ``batch_mult`` multiplies the env's B, ``grad_mult`` its gradient steps per training call."""
     cfg = dict(cfg)
     env_id = cfg.pop("env_id")
     method = cfg.pop("method", cfg.get("algo", "ddqn"))
     cfg.pop("seeds", None)
+    cfg.pop("trainer", None)
     base = make_args(env_id, **{k: v for k, v in cfg.items() if k not in ("batch_mult", "grad_mult")})
     mult = int(cfg.pop("batch_mult", 1))
     if mult != 1:
@@ -76,7 +85,10 @@ def arm_cost(cfg: dict[str, Any]) -> float:
     env_id, _, kw = resolve(cfg)
     a: Args = make_args(env_id, **kw)
     calls = max(a.total_steps - a.learning_starts, 0) / a.train_frequency
-    return len(cfg.get("seeds", [1])) * (calls * a.grad_steps * a.batch_size * a.num_batches + a.total_steps)
+    # SB3's single-run loop took ~1.7x a batched run's time per seed at the zoo's CartPole settings (notebook 04)
+    per_seed = 1.7 if cfg.get("trainer") == "sb3" else 1.0
+    return per_seed * len(cfg.get("seeds", [1])) * (calls * a.grad_steps * a.batch_size * a.num_batches
+                                                    + a.total_steps)
 
 
 def _worker_init() -> None:
@@ -88,7 +100,10 @@ def _worker_init() -> None:
 def _run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Top-level (picklable) worker: train one arm and tag its tables with env, method and seed."""
     env_id, method, kw = resolve(cfg)
-    runs = train_batched(env_id, seeds=cfg["seeds"], **kw)
+    if cfg.get("trainer", "batched") == "sb3":  # one process, the seeds one after another
+        runs = [train_sb3_dqn(env_id, seed=s, **kw) for s in cfg["seeds"]]
+    else:
+        runs = train_batched(env_id, seeds=cfg["seeds"], **kw)
     out: dict[str, list] = {"episodes": [], "evals": [], "losses": [], "metrics": []}
     for run in runs:
         tag = {"env_id": env_id, "method": method, "seed": run.config["seed"]}
@@ -100,7 +115,8 @@ def _run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_grid(arms: list[dict[str, Any]], *, jobs: int = 2, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Train every arm (``env_id``, ``method`` label, ``seeds`` list and ``train_batched`` kwargs, plus
-    ``batch_mult`` / ``grad_mult``) with :func:`helpers.m2dqn.batched.train_batched` on ``jobs`` processes.
+    ``batch_mult`` / ``grad_mult``) with :func:`helpers.m2dqn.batched.train_batched` (or, for ``trainer="sb3"``,
+    :func:`helpers.m2dqn.sb3_reference.train_sb3_dqn` per seed) on ``jobs`` processes.
 
     Workers are started with the ``spawn`` context (safe inside a Jupyter kernel run by papermill, and with torch)
     and use one torch thread each; the costliest arms start first. ``jobs=1`` runs in this process. Returns
@@ -114,8 +130,12 @@ def run_grid(arms: list[dict[str, Any]], *, jobs: int = 2, progress: bool = True
     for cfg in arms:  # fail fast, in this process, on bad input
         if not cfg.get("seeds"):
             raise ValueError(f"every arm needs a non-empty 'seeds' list, got {cfg!r}")
+        if cfg.get("trainer", "batched") not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS}, got {cfg['trainer']!r}")
         env_id, _, kw = resolve(cfg)
-        make_args(env_id, **kw)
+        args = make_args(env_id, **kw)
+        if cfg.get("trainer") == "sb3":
+            sb3_kwargs(args)  # raises for settings SB3's DQN cannot express
     order = sorted(range(len(arms)), key=lambda i: -arm_cost(arms[i]))
     outs: list[dict[str, Any] | None] = [None] * len(arms)
     bar = tqdm(total=len(arms), disable=not progress, desc="arms")
