@@ -232,8 +232,12 @@ def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path,
     for key, value in params.items():
         cmd += ["-y", json.dumps({key: value})]
     t0 = time.perf_counter()
-    with open(nb_out / "run.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    for attempt in range(1 + KERNEL_START_RETRIES):
+        with open(nb_out / "run.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+        if proc.returncode == 0 or not kernel_died_at_start(nb_out / "run.log"):
+            break
+        run.extra["kernel_start_retries"] = attempt + 1  # no cell ran: starting again is safe
     run.wall_time_s = time.perf_counter() - t0
     if proc.returncode == 0:
         run.status = "ok"
@@ -252,6 +256,20 @@ def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path,
               "cell": run.cell, "error": run.error, "parameters": params, **run.extra}
     atomic_write_text(nb_out / "run.json", json.dumps(record, indent=2) + "\n")
     return run
+
+
+# Kernels started at the same moment (--jobs > 1) now and then die before their first reply (jupyter_client picks
+# free ports, then binds them, and two kernels can race for one); such a run executed no cell and is started again.
+KERNEL_START_RETRIES = 1
+KERNEL_START_FAILURE = "Kernel died before replying to kernel_info"
+
+
+def kernel_died_at_start(log_path: Path) -> bool:
+    """True if papermill's log at ``log_path`` says the kernel died before running anything."""
+    try:
+        return KERNEL_START_FAILURE in log_path.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,3 +141,12 @@ def test_smoke_overrides_must_be_a_literal_dict(tmp_path):
     _write_notebook(d / "50_bad.ipynb", ["pass"], params='profile = "full"  # x\nsmoke_overrides = dict(a=1)  # x')
     with pytest.raises(run.UsageError, match="literal dict"):
         run.smoke_overrides(d / "50_bad.ipynb")
+
+
+def test_kernel_start_failure_is_recognised(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("Input Notebook: x.ipynb\nRuntimeError: Kernel died before replying to kernel_info\n")
+    assert run.kernel_died_at_start(log)
+    log.write_text("Executing cell 4\nRuntimeError: boom in cell\n")  # a notebook error is not retried
+    assert not run.kernel_died_at_start(log)
+    assert not run.kernel_died_at_start(tmp_path / "missing.log")
