@@ -34,7 +34,7 @@ def sb3_kwargs(args: Args) -> dict[str, Any]:
     """``stable_baselines3.DQN`` keyword arguments for ``args`` (as :func:`helpers.m2dqn.dqn.make_args` returns).
 
     Raises ValueError for an ``args`` that SB3's DQN cannot express: ``algo`` other than ``"dqn"``, ``num_batches``
-    > 1, ``replay="prioritized"``, ``td_loss="mse"``, or ``start_e`` with no schedule to start from.
+    > 1, ``replay="prioritized"`` or ``td_loss="mse"``.
     """
     unsupported = {"algo": (args.algo, "dqn"), "num_batches": (args.num_batches, 1),
                    "replay": (args.replay, "uniform"), "td_loss": (args.td_loss, "huber")}
