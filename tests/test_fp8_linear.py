@@ -343,3 +343,34 @@ def test_gemm_path_validated():
         quantize_model(_toy(0), gemm="fast")
     model = quantize_model(_toy(0), backend="torch", gemm="bf16")
     assert {m.gemm for m in fp8_linears(model).values()} == {"bf16"}
+
+
+def test_quantize_model_rejects_a_bare_string_skip():
+    # iterating "lm_head" would give seven one-character patterns: a layer named "down" would stay fp32 silently
+    with pytest.raises(TypeError, match=r"got the string 'lm_head'; wrap it: skip=\('lm_head',\)"):
+        quantize_model(_toy(), skip="lm_head", backend="torch")
+    with pytest.raises(ValueError, match=r"skip pattern '\(' is not a valid regular expression"):
+        quantize_model(_toy(), skip=("(",), backend="torch")
+    with pytest.raises(TypeError, match="regular-expression strings, got 3"):
+        quantize_model(_toy(), skip=("lm_head", 3), backend="torch")
+    # the wrapped string skips exactly lm_head: every other nn.Linear (embed_proj and the routers included) is FP8
+    model = quantize_model(_toy(), skip=("lm_head",), backend="torch")
+    assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == {"lm_head"}
+    assert len(fp8_linears(model)) == 2 * 5 + 1
+
+
+def test_quantize_model_warns_when_nothing_is_quantized():
+    no_linear = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
+    with pytest.warns(UserWarning, match="has no nn.Linear layer; nothing was quantized"):
+        assert quantize_model(no_linear, backend="torch") is no_linear
+    with pytest.warns(UserWarning, match=r"skip matched all 12 nn.Linear layer\(s\)"):
+        quantize_model(_toy(), skip=lambda name, m: True, backend="torch")
+    once = quantize_model(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 128)), skip=(), backend="torch")
+    with pytest.warns(UserWarning, match=r"nothing was quantized \(2 Fp8Linear layer\(s\) already present\)"):
+        quantize_model(once, skip=(), backend="torch")
+
+
+def test_default_skip_is_exported_from_the_package():
+    import helpers.fp8 as fp8
+
+    assert fp8.DEFAULT_SKIP is DEFAULT_SKIP and "DEFAULT_SKIP" in fp8.__all__

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -220,10 +221,34 @@ def fp8_linears(model: nn.Module) -> dict[str, Fp8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
 
 
-def _skipped(name: str, module: nn.Module, skip: Sequence[str] | Callable[[str, nn.Module], bool]) -> bool:
+def _check_skip(skip: object) -> Sequence[re.Pattern[str]] | Callable[[str, nn.Module], bool]:
+    """``skip`` as compiled patterns (or the predicate itself); a bare string is rejected, since iterating it would
+    give one-character patterns (``skip="lm_head"`` would skip every layer whose name holds an ``l``, ``m``, ...)."""
+    if callable(skip):
+        return skip  # type: ignore[return-value]
+    if isinstance(skip, (str, bytes)):
+        raise TypeError(f"skip must be a sequence of regular expressions or a predicate (name, module) -> bool, got "
+                        f"the string {skip!r}; wrap it: skip=({skip!r},) (or skip=DEFAULT_SKIP + ({skip!r},))")
+    try:
+        patterns = list(skip)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"skip must be a sequence of regular expressions or a predicate (name, module) -> bool, got "
+                        f"{type(skip).__name__}") from None
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip must hold regular-expression strings, got {p!r} ({type(p).__name__})")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"skip pattern {p!r} is not a valid regular expression: {exc}") from None
+    return compiled
+
+
+def _skipped(name: str, module: nn.Module, skip: Sequence[re.Pattern[str]] | Callable[[str, nn.Module], bool]) -> bool:
     if callable(skip):
         return bool(skip(name, module))
-    return any(re.search(p, name) for p in skip)
+    return any(p.search(name) for p in skip)
 
 
 def quantize_model(model: nn.Module, *, skip: Sequence[str] | Callable[[str, nn.Module], bool] = DEFAULT_SKIP,
@@ -232,8 +257,10 @@ def quantize_model(model: nn.Module, *, skip: Sequence[str] | Callable[[str, nn.
     """Replace, in place, every ``nn.Linear`` of ``model`` whose qualified name matches none of ``skip`` by an
     :class:`Fp8Linear` (see :data:`DEFAULT_SKIP`: embeddings, lm_head, norms, MoE routers stay high precision).
 
-    ``skip`` is a sequence of regular expressions searched in the module's qualified name, or a predicate
-    ``(name, module) -> bool``. Layers are quantized one at a time and each high-precision weight is released as
+    ``skip`` is a sequence of regular expressions searched in the module's qualified name (a bare string is
+    rejected with a TypeError: wrap it, ``skip=("lm_head",)``), or a predicate ``(name, module) -> bool``. A model
+    in which no ``nn.Linear`` gets quantized (none at all, or every one skipped) is returned unchanged with a
+    ``UserWarning`` saying so. Layers are quantized one at a time and each high-precision weight is released as
     its layer is swapped (peak extra memory: one layer). ``gemm`` picks every layer's forward path
     (:data:`GEMM_PATHS`). Returns ``model``.
     """
@@ -243,8 +270,15 @@ def quantize_model(model: nn.Module, *, skip: Sequence[str] | Callable[[str, nn.
     check_scale_fmt(scale_fmt)
     if gemm not in GEMM_PATHS:
         raise ValueError(f"gemm must be one of {GEMM_PATHS}, got {gemm!r}")
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not _skipped(name, m, skip)]
+    skip_rule = _check_skip(skip)
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    targets = [(name, m) for name, m in linears if not _skipped(name, m, skip_rule)]
+    if not linears:
+        warnings.warn(f"quantize_model: {type(model).__name__} has no nn.Linear layer; nothing was quantized "
+                      f"({len(fp8_linears(model))} Fp8Linear layer(s) already present)", UserWarning, stacklevel=2)
+    elif not targets:
+        warnings.warn(f"quantize_model: skip matched all {len(linears)} nn.Linear layer(s) of "
+                      f"{type(model).__name__}; nothing was quantized", UserWarning, stacklevel=2)
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
