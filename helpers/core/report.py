@@ -37,7 +37,7 @@ th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eceef2;vertical-a
 .verdict{display:inline-block;min-width:92px;padding:1px 7px;border-radius:9px;font-size:11px;font-weight:600;
 margin-right:6px;text-align:center}.v-reproduced{background:#d4f3df;color:#17693a}
 .v-partly{background:#fff1c7;color:#7a5a00}.v-not-reproduced{background:#fbd9d5;color:#8e2418}
-.v-not-testable-here{background:#e6e8ee;color:#4a5163}.reason{color:#5a6275}
+.v-not-testable-here{background:#e6e8ee;color:#4a5163}.v-inconclusive{background:#e3ecfa;color:#27477a}.reason{color:#5a6275}
 .links a{margin-right:14px;font-size:13px}.error{font-family:monospace;font-size:12px;color:#8e2418;white-space:pre-wrap}
 """
 

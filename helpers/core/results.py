@@ -29,8 +29,9 @@ __all__ = ["RESULTS_ENV", "PROFILES", "Results", "results_root", "atomic_write_b
 
 RESULTS_ENV = "HELPERS_RESULTS_DIR"
 PROFILES = ("smoke", "full")
-# The verdict a notebook gives each claim it tests, in the words the reports use.
-VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
+# The verdict a notebook gives each claim it tests, in the words the reports use. "inconclusive": the interval covers
+# both no effect and the pre-registered target effect (the data neither show the effect nor rule it out).
+VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive", "not testable here")
 # Figures are committed with the results: a modest DPI keeps each PNG well under the 5 MB limit.
 FIGURE_DPI = 110
 _UMASK = os.umask(0)
