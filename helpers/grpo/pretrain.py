@@ -43,6 +43,10 @@ class PretrainConfig:
     """Transformer blocks."""
     qk_norm: bool = True
     """Qwen3-style QK-norm (False: Llama / Qwen2.5)."""
+    head_dim: int = 16
+    """Channels per attention head (Qwen3-8B: 128); query heads = d_model / head_dim, KV heads half of those."""
+    rope_theta: float = 10000.0
+    """RoPE base (Qwen3: 1e6)."""
     steps: int = 3000
     """Most optimizer steps."""
     batch: int = 128
@@ -57,10 +61,11 @@ class PretrainConfig:
     """Seeds init and data (seed 0 stalls on a plateau with one sum digit guessed; seed 1 does not)."""
 
     def decoder_config(self) -> DecoderConfig:
-        n_head = max(self.d_model // 16, 1)
+        n_head = max(self.d_model // self.head_dim, 1)
         return DecoderConfig(vocab_size=task.VOCAB_SIZE, n_layer=self.n_layer, n_head=n_head,
-                             n_kv_head=max(n_head // 2, 1), head_dim=16, d_model=self.d_model,
-                             d_ff=2 * self.d_model, max_seq_len=4 * self.n_digits + 8, qk_norm=self.qk_norm)
+                             n_kv_head=max(n_head // 2, 1), head_dim=self.head_dim, d_model=self.d_model,
+                             d_ff=2 * self.d_model, max_seq_len=4 * self.n_digits + 8, qk_norm=self.qk_norm,
+                             rope_theta=self.rope_theta)
 
 
 def _batch(n: int, n_digits: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
