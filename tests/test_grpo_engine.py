@@ -10,7 +10,7 @@ import helpers  # noqa: F401  (sets up the runtime before anything else)
 from helpers.fp8 import quant_weight
 from helpers.fp8.linear import fp8_linears
 from helpers.grpo import task
-from helpers.grpo.engine import ENGINE_DTYPE, EngineConfig, RolloutEngine
+from helpers.grpo.engine import ENGINE_DTYPE, EngineConfig, RolloutEngine, WeightSyncAuditError
 from helpers.grpo.trainer import CORRECTIONS, GRPOConfig, run_grpo
 from helpers.kvcache import Fp8KVCache, KVCache, calibrate_kv_scales
 from helpers.models.decoder import Decoder, DecoderConfig
@@ -176,3 +176,44 @@ def test_bad_engine_use():
     with pytest.raises(ValueError, match="rows"):
         engine.generate(_batch(3)[0], 2, temperature=1.0, eos_id=task.EOS, pad_id=task.PAD,
                         generator=torch.Generator())
+
+
+@pytest.mark.parametrize("what", ["codes", "scale", "norm"])
+def test_weight_sync_audit_stops_a_run_with_a_corrupted_engine_tensor(monkeypatch, what):
+    """The audit runs after every sync of every run (GRPOConfig.audit_sync): a sync that leaves one FP8 code, one
+    block scale or one bf16 tensor different from the trainer's stops the run, naming the tensor."""
+    original = RolloutEngine.sync
+
+    def corrupting_sync(self, policy, calib_batch=None):
+        metrics = original(self, policy, calib_batch)
+        layer = fp8_linears(self.model)["layers.1.mlp.down_proj"]
+        if what == "codes":
+            layer.weight.view(torch.uint8)[0, 0] ^= 1  # one code, one bit
+        elif what == "scale":
+            layer.weight_scale_inv[0, 0] *= 1.0 + 2.0**-20
+        else:
+            self.model.norm.weight.data[3] += 1.0
+        return metrics
+
+    monkeypatch.setattr(RolloutEngine, "sync", corrupting_sync)
+    cfg = GRPOConfig(steps=2, n_prompts=2, group_size=2, n_digits=N_DIGITS, eval_every=0)
+    match = {"codes": "FP8 codes of 'layers.1.mlp.down_proj.weight'", "scale": "down_proj.weight_scale_inv",
+             "norm": "'norm.weight'"}[what]
+    with pytest.raises(WeightSyncAuditError, match=match):
+        run_grpo(_policy(), CONFIGS["fp8"], CORRECTIONS["none"], cfg, seed=0)
+
+
+def test_audit_passes_on_a_clean_sync_and_counts_every_tensor():
+    trainer = _policy()
+    engine = _engine(trainer, CONFIGS["fp8"])
+    n = engine.audit(trainer)["engine/audit_tensors"]
+    assert n == len(engine.model.state_dict())  # codes + scales of 14 layers, and every other tensor
+
+
+def test_engine_block_size_reaches_every_fp8_layer():
+    trainer = _policy()
+    engine = _engine(trainer, EngineConfig(linear="fp8", gemm="exact", block_size=(32, 32)))
+    assert {layer.weight_block_size for layer in fp8_linears(engine.model).values()} == {(32, 32)}
+    engine.audit(trainer)
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(linear="fp8", block_size=(48, 32))

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers.fp8.format import check_scale_fmt
+from helpers.fp8.format import DEFAULT_BLOCK, check_block_size, check_scale_fmt
+from helpers.fp8.quant import quant_weight
 from helpers.kvcache import Fp8KVCache, calibrate_kv_scales, get_policy
 from helpers.fp8.linear import GEMM_PATHS, fp8_linears, quantize_model, requantize_model_
 from helpers.models.decoder import Decoder, GenerationOutput
 
-__all__ = ["EngineConfig", "RolloutEngine", "ENGINE_DTYPE"]
+__all__ = ["EngineConfig", "RolloutEngine", "ENGINE_DTYPE", "WeightSyncAuditError"]
 
 # The engine's high-precision dtype (what veRL's vLLM rollout runs in): bf16, also for the "BF16 rollout" arm.
 ENGINE_DTYPE = torch.bfloat16
@@ -53,8 +54,11 @@ class EngineConfig:
     """FP8 linear scale format: "fp32" or "ue8m0" (power-of-two)."""
     gemm: str = "bf16"
     """Fp8Linear GEMM path: "bf16" (dequantized bf16 GEMM, the CPU fast path) or "exact" (block-scaled GEMM)."""
+    block_size: tuple[int, int] = DEFAULT_BLOCK
+    """FP8 weight block (bn, bk); activations use 1 x bk groups. (128, 128) in every public FP8 checkpoint."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "block_size", check_block_size(self.block_size))
         if self.linear not in LINEARS:
             raise ValueError(f"linear must be one of {LINEARS}, got {self.linear!r}")
         if self.kv_cache not in KV_CACHES:
@@ -70,6 +74,11 @@ class EngineConfig:
         if self.linear == "bf16":
             return "bf16" if self.kv_cache == "bf16" else "bf16+fp8kv"
         return "fp8" if self.kv_cache == "bf16" else "fp8+kv"
+
+
+class WeightSyncAuditError(RuntimeError):
+    """The engine's weights after a sync are not a fresh quantization of the trainer's (see
+    :meth:`RolloutEngine.audit`): a broken sync, which must stop the run."""
 
 
 class RolloutEngine:
@@ -93,7 +102,7 @@ class RolloutEngine:
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.linear == "fp8":
-            quantize_model(model, scale_fmt=cfg.scale_fmt, backend="torch", gemm=cfg.gemm)
+            quantize_model(model, block_size=cfg.block_size, scale_fmt=cfg.scale_fmt, backend="torch", gemm=cfg.gemm)
         self.model = model
         self.batch, self.max_len = batch, max_len
         self.n_calibrations = 0
@@ -128,6 +137,38 @@ class RolloutEngine:
         t2 = time.perf_counter()
         return {"engine/sync_s": t1 - t0, "engine/recalib_s": t2 - t1, "engine/sync_layers": float(m["layers"]),
                 "engine/sync_bytes_written": float(m["bytes_written"])}
+
+    @torch.no_grad()
+    def audit(self, policy: Decoder) -> dict[str, float]:
+        """The weight-sync audit (veRL PR #7986 checks the same after each sync): every FP8 layer's codes and
+        ``weight_scale_inv`` must equal a fresh quantization of the trainer's weight (bit for bit, with the layer's
+        block size and scale format), and every other engine tensor must equal the trainer's cast to the engine
+        dtype. Raises :class:`WeightSyncAuditError` naming the first tensor that differs; returns
+        ``engine/audit_tensors`` (tensors checked).
+
+        All tensors are checked: on this model it costs about as much as the sync itself. A real engine would audit
+        a sample of layers per step."""
+        state = policy.state_dict()
+        layers = fp8_linears(self.model)
+        owned = set()
+        for name, layer in layers.items():
+            key = f"{name}.weight"
+            owned |= {key, f"{name}.weight_scale_inv"}
+            q, s = quant_weight(state[key], layer.weight_block_size, scale_fmt=layer.scale_fmt, backend="torch")
+            if not torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)):
+                raise WeightSyncAuditError(f"weight sync audit: FP8 codes of {key!r} differ from a fresh "
+                                           f"quantization of the trainer's weight")
+            if not torch.equal(layer.weight_scale_inv, s):
+                raise WeightSyncAuditError(f"weight sync audit: {name}.weight_scale_inv differs from a fresh "
+                                           f"quantization of the trainer's weight")
+        n = 2 * len(layers)
+        for key, value in self.model.state_dict().items():
+            if key in owned:
+                continue
+            if key not in state or not torch.equal(value, state[key].to(value.dtype)):
+                raise WeightSyncAuditError(f"weight sync audit: engine tensor {key!r} differs from the trainer's")
+            n += 1
+        return {"engine/audit_tensors": float(n)}
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float, eos_id: int,

@@ -8,14 +8,23 @@ every seed (same seed = same prompts in every arm) and returns one long table (a
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import multiprocessing as mp
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from helpers.core.timing import median_time, single_thread
+from helpers.fp8.format import DEFAULT_BLOCK, check_block_size
 from helpers.fp8.linear import fp8_linears
 from helpers.fp8.quant import block_fp8_matmul, quant_act
 from helpers.grpo import task
@@ -67,30 +76,114 @@ class Arm:
         return f"{self.engine} / {CORRECTIONS[self.correction].label}"
 
 
-def make_arms(engines: Sequence[str], corrections: Sequence[str]) -> list[Arm]:
-    """BF16 with no correction (a bf16 engine has no FP8 mismatch to correct), then every FP8 engine in
+def make_arms(engines: Sequence[str], corrections: Sequence[str], bf16_corrections: Sequence[str] = ("none",)
+              ) -> list[Arm]:
+    """BF16 with each of ``bf16_corrections`` (``"none"`` the baseline; ``"token_tis"`` the control that asks
+    whether the correction itself changes learning when there is no FP8 mismatch), then every FP8 engine in
     ``engines`` with every correction in ``corrections``."""
-    arms = [Arm("bf16", "none")] if "bf16" in engines else []
+    arms = [Arm("bf16", c) for c in bf16_corrections] if "bf16" in engines else []
     return arms + [Arm(e, c) for e in engines if e != "bf16" for c in corrections]
 
 
-def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GRPOConfig,
+def _run_key(arm: Arm, seed: int, cfg: GRPOConfig, block_size: tuple[int, int], policy_digest: str) -> str:
+    """File stem of a finished run in the cache: the arm, the seed and a digest of everything that decides it
+    (GRPO config, block size, starting policy, the source of the packages that compute it)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([asdict(cfg), list(block_size), policy_digest, _code_digest()], sort_keys=True).encode())
+    safe = re.sub(r"[^A-Za-z0-9]+", "_", arm.name).strip("_")
+    return f"{safe}__seed{seed}__{h.hexdigest()[:12]}"
+
+
+def _code_digest() -> str:
+    """Digest of the source files whose change changes a run (grpo, rl, fp8, kvcache, models, core)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("grpo", "rl", "fp8", "kvcache", "models"):
+        for f in sorted((root / pkg).glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _policy_digest(policy: Decoder) -> str:
+    h = hashlib.sha256(json.dumps(asdict(policy.cfg), sort_keys=True).encode())
+    for k, v in policy.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _run_one(job: tuple) -> list[dict[str, float]]:
+    """Top-level (picklable) worker: one arm x seed, on one intra-op thread."""
+    policy_cfg, policy_state, arm, seed, cfg, block_size = job
+    policy = Decoder(policy_cfg)
+    policy.load_state_dict(policy_state)
+    engine = dataclasses.replace(ENGINES[arm.engine], block_size=block_size)
+    # One intra-op thread: this model's ops are tiny, and waking torch's pool costs more than they do when the
+    # other core is busy (helpers.core.timing.single_thread); it also makes the timings far less noisy.
+    with single_thread():
+        return run_grpo(policy, engine, CORRECTIONS[arm.correction], cfg, seed)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one worker per core
+
+
+def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GRPOConfig, *,
+             block_size: Sequence[int] = DEFAULT_BLOCK, workers: int = 1, cache_dir: str | Path | None = None,
              progress: bool = True) -> pd.DataFrame:
     """Train every arm for every seed; a long DataFrame with columns ``arm``, ``engine``, ``correction``, ``seed``,
-    ``step`` and every metric of :func:`~helpers.grpo.trainer.run_grpo`."""
-    arms = list(arms)
-    jobs = [(a, s) for a in arms for s in seeds]
-    if progress:
-        from tqdm.auto import tqdm
+    ``step`` and every metric of :func:`~helpers.grpo.trainer.run_grpo`.
 
-        jobs = tqdm(jobs, desc="arms x seeds")
-    rows = []
+    ``block_size`` is the FP8 engines' weight block (activation groups 1 x bk). ``workers`` > 1 runs the arm x seed
+    jobs on that many processes (``spawn``, one torch thread each); a run is deterministic given its arm, seed and
+    config, so the result does not depend on ``workers``. With ``cache_dir``, each finished run is saved there as
+    it completes (``<arm>__seed<s>__<digest>.csv``; the digest covers the config, the block size, the starting
+    policy and the source of the packages that compute a run) and a later call skips it: a long study resumes
+    where it stopped."""
+    arms, seeds = list(arms), list(seeds)
+    block_size = check_block_size(tuple(block_size))
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    digest = _policy_digest(policy)
+    jobs = [(a, s) for a in arms for s in seeds]
+    done: dict[tuple[Arm, int], list[dict]] = {}
+    todo = []
     for arm, seed in jobs:
-        # One intra-op thread: this model's ops are tiny, and waking torch's pool costs more than they do when the
-        # other core is busy (helpers.core.timing.single_thread); it also makes the timings far less noisy.
-        with single_thread():
-            hist = run_grpo(policy, ENGINES[arm.engine], CORRECTIONS[arm.correction], cfg, seed)
-        for r in hist:
+        path = cache / f"{_run_key(arm, seed, cfg, block_size, digest)}.csv" if cache is not None else None
+        if path is not None and path.exists():
+            done[(arm, seed)] = pd.read_csv(path).to_dict("records")
+        else:
+            todo.append((arm, seed, path))
+    state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    payload = {(a, s): (policy.cfg, state, a, s, cfg, block_size) for a, s, _ in todo}
+
+    def finish(arm: Arm, seed: int, path: Path | None, hist: list[dict]) -> None:
+        done[(arm, seed)] = hist
+        if path is not None:  # atomic: a run killed mid-write leaves no half file
+            tmp = path.with_suffix(".tmp")
+            pd.DataFrame(hist).to_csv(tmp, index=False)
+            tmp.replace(path)
+
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="arms x seeds", disable=not progress)
+    if workers == 1 or len(todo) <= 1:
+        for arm, seed, path in todo:
+            finish(arm, seed, path, _run_one(payload[(arm, seed)]))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_run_one, payload[(a, s)]): (a, s, p) for a, s, p in todo}
+            for fut in as_completed(futures):
+                finish(*futures[fut], fut.result())
+                bar.update()
+    bar.close()
+    rows = []
+    for arm, seed in jobs:  # arm-major, seed order: the table does not depend on completion order
+        for r in done[(arm, seed)]:
             rows.append({"arm": arm.name, "engine": arm.engine, "correction": arm.correction, "seed": seed, **r})
     return pd.DataFrame(rows)
 

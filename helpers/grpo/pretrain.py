@@ -47,6 +47,8 @@ class PretrainConfig:
     """Channels per attention head (Qwen3-8B: 128); query heads = d_model / head_dim, KV heads half of those."""
     rope_theta: float = 10000.0
     """RoPE base (Qwen3: 1e6)."""
+    n_head: int = 0
+    """Query heads (0: d_model / head_dim); KV heads are half of them (grouped-query attention)."""
     steps: int = 3000
     """Most optimizer steps."""
     batch: int = 128
@@ -61,7 +63,7 @@ class PretrainConfig:
     """Seeds init and data (seed 0 stalls on a plateau with one sum digit guessed; seed 1 does not)."""
 
     def decoder_config(self) -> DecoderConfig:
-        n_head = max(self.d_model // self.head_dim, 1)
+        n_head = self.n_head or max(self.d_model // self.head_dim, 1)
         return DecoderConfig(vocab_size=task.VOCAB_SIZE, n_layer=self.n_layer, n_head=n_head,
                              n_kv_head=max(n_head // 2, 1), head_dim=self.head_dim, d_model=self.d_model,
                              d_ff=2 * self.d_model, max_seq_len=4 * self.n_digits + 8, qk_norm=self.qk_norm,

@@ -35,7 +35,8 @@ from helpers.rl import rollout_correction as rc
 from helpers.rl.advantages import grpo_advantages
 from helpers.rl.losses import CLIP, CLIP_HIGH_DAPO, agg_loss, clipped_surrogate
 
-__all__ = ["Correction", "CORRECTIONS", "GRPOConfig", "sequence_logprobs", "run_grpo"]
+__all__ = ["Correction", "CORRECTIONS", "GRPOConfig", "sequence_logprobs", "run_grpo", "evaluate_policy",
+           "eval_generator"]
 
 CORRECTION_KINDS = ("none", "is", "mis")
 # Rollout rows (prompt + response) the FP8 KV scales are recalibrated on after each update: NeMo-RL calibrates on a
@@ -119,8 +120,13 @@ class GRPOConfig:
     """Digits per operand (answer length 2 n + 1)."""
     eval_every: int = 10
     """Steps between evaluations of the trainer's policy (0: never)."""
-    n_eval: int = 256
-    """Fixed evaluation problems (sampled at ``temperature`` with the trainer's fp32 policy)."""
+    n_eval: int = 512
+    """Evaluation problems per evaluation, sampled at ``temperature`` with the trainer's fp32 policy. Problems and
+    sampling noise are drawn per (seed, step): every arm of a seed sees the same draws (paired), and the draws
+    differ between seeds and evaluations, so evaluation noise averages out over seeds and over the curve."""
+    audit_sync: bool = True
+    """After every weight sync, check that the engine holds a fresh quantization of the trainer's weights
+    (:meth:`RolloutEngine.audit`); a mismatch stops the run with :class:`WeightSyncAuditError`."""
 
 
 def sequence_logprobs(model: Decoder, prompts: torch.Tensor, responses: torch.Tensor, temperature: float
@@ -134,8 +140,21 @@ def sequence_logprobs(model: Decoder, prompts: torch.Tensor, responses: torch.Te
     return logp.gather(-1, responses[..., None]).squeeze(-1)
 
 
-def _eval(model: Decoder, cfg: GRPOConfig) -> float:
-    g = torch.Generator().manual_seed(10_007)
+# Evaluation draws are seeded apart from the training streams (prompts: seed * 100_003 + step; sampling: seed).
+EVAL_SEED_OFFSET = 10_007
+
+
+def eval_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the evaluation at ``step`` of a run with ``seed``: problems and sampling noise shared by
+    every arm of that seed, different for every seed and step."""
+    return torch.Generator().manual_seed(EVAL_SEED_OFFSET + 1_000_003 * seed + step)
+
+
+@torch.no_grad()
+def evaluate_policy(model: Decoder, cfg: GRPOConfig, seed: int, step: int) -> float:
+    """Exact-match accuracy of ``model`` sampled at ``cfg.temperature`` on ``cfg.n_eval`` problems drawn by
+    :func:`eval_generator` ``(seed, step)``."""
+    g = eval_generator(seed, step)
     probs = task.sample_problems(cfg.n_eval, cfg.n_digits, g)
     out = model.generate(task.encode_prompts(probs), task.answer_len(cfg.n_digits), temperature=cfg.temperature,
                          eos_id=task.EOS, pad_id=task.PAD, generator=g)
@@ -165,7 +184,7 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
     for step in range(cfg.steps):
         row: dict[str, float] = {"step": float(step)}
         if cfg.eval_every and step % cfg.eval_every == 0:
-            row["eval/acc"] = _eval(trainer, cfg)  # outside the step's timed phases
+            row["eval/acc"] = evaluate_policy(trainer, cfg, seed, step)  # outside the step's timed phases
         t_step = time.perf_counter()
         # 1-2. paired prompts, rollout
         prompt_g = torch.Generator().manual_seed(seed * 100_003 + step)
@@ -213,6 +232,8 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
         p_mask = torch.ones_like(prompts[rows], dtype=torch.bool)
         sync = engine.sync(trainer, (torch.cat([prompts[rows], out.tokens[rows]], 1),
                                      torch.cat([p_mask, out.mask[rows]], 1)))
+        if cfg.audit_sync:
+            sync.update(engine.audit(trainer))  # raises WeightSyncAuditError on a broken sync
         if on_sync is not None:
             on_sync(step, trainer, engine)
         loss_v, gnorm_v, clipfrac_v, ppo_kl_v = torch.stack(stats).mean(0).tolist()  # one host transfer
@@ -233,7 +254,7 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
         row["time/step_s"] = time.perf_counter() - t_step  # rollout + old log-probs + update + sync (no eval)
         history.append(row)
     if cfg.eval_every:
-        history[-1]["eval/acc"] = _eval(trainer, cfg)
+        history[-1]["eval/acc"] = evaluate_policy(trainer, cfg, seed, cfg.steps)
     return history
 
 
