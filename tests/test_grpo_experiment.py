@@ -1,7 +1,5 @@
 """The experiment driver: arms, paired differences, summaries and the veRL / NeMo-RL settings."""
 
-import math
-
 import pandas as pd
 import pytest
 
@@ -19,38 +17,6 @@ def test_make_arms_and_names():
         ex.Arm("fp4", "none")
     with pytest.raises(ValueError):
         ex.Arm("fp8", "ppo")
-
-
-def _fake_runs() -> pd.DataFrame:
-    rows = []
-    finals = {"a": [0.5, 0.6, 0.7], "b": [0.4, 0.6, 0.5]}
-    for arm, vals in finals.items():
-        for seed, v in enumerate(vals):
-            for step in range(3):
-                rows.append({"arm": arm, "engine": "fp8", "correction": "none", "seed": seed, "step": step,
-                             "eval/acc": v if step == 2 else (0.3 if step == 0 else float("nan")),
-                             "reward/mean": v, "mismatch/kl": 0.01, "mismatch/k3_kl": 0.02,
-                             "mismatch/token_mult_prob_error": 1.1, "mismatch/fraction_truncated": 0.0,
-                             "correction/rejected_fraction_token": 0.0, "engine/tokens_per_s": 100.0,
-                             "engine/sync_s": 0.01, "engine/recalib_s": 0.0, "time/step_s": 1.0})
-    return pd.DataFrame(rows)
-
-
-def test_paired_differences_match_direct():
-    got = ex.paired_differences(_fake_runs(), [("a", "b"), ("a", "missing")])
-    assert len(got) == 1
-    d = [0.1, 0.0, 0.2]
-    mean = sum(d) / 3
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 2) / math.sqrt(3)
-    assert got.loc[0, "diff"] == pytest.approx(mean) and got.loc[0, "se"] == pytest.approx(se)
-    assert got.loc[0, "n"] == 3
-
-
-def test_summarize_final_values_and_fractions():
-    s = ex.summarize(_fake_runs(), last=1).set_index("arm")
-    assert s.loc["a", "acc_final"] == pytest.approx(0.6) and s.loc["a", "acc_start"] == pytest.approx(0.3)
-    assert s.loc["b", "acc_final_sd"] == pytest.approx(pd.Series([0.4, 0.6, 0.5]).std())
-    assert s.loc["a", "sync_recalib_fraction"] == pytest.approx(0.01) and s.loc["a", "seeds"] == 3
 
 
 def test_engine_settings_name_the_engine_knobs():

@@ -1,9 +1,11 @@
-"""The arms of notebook 05, their runs over paired seeds, summaries, and the engine / GEMM benchmarks.
+"""The arms of notebook 05, their runs over paired seeds, the veRL / NeMo-RL settings and the engine benchmark.
 
 An arm is an engine configuration (:class:`~helpers.grpo.engine.EngineConfig`) and a rollout correction
 (:class:`~helpers.grpo.trainer.Correction`). :func:`run_arms` trains every arm from the same pre-trained policy for
-every seed (same seed = same prompts in every arm) and returns one long table (a row per arm, seed and step).
-:func:`engine_settings` lists, per arm, the equivalent settings of veRL and NeMo-RL.
+every seed (same seed = same prompts and evaluation draws in every arm) on a pool of processes, keeps each finished
+run in a cache so a long study resumes, and returns one long table (a row per arm, seed and step);
+:mod:`helpers.grpo.analysis` decides from it. :func:`engine_settings` lists, per arm, the equivalent settings of
+veRL and NeMo-RL; :func:`bench_engines` times the engines side by side.
 """
 
 from __future__ import annotations
@@ -25,16 +27,13 @@ from tqdm.auto import tqdm
 
 from helpers.core.timing import median_time, single_thread
 from helpers.fp8.format import DEFAULT_BLOCK, check_block_size
-from helpers.fp8.linear import fp8_linears
-from helpers.fp8.quant import block_fp8_matmul, quant_act
 from helpers.grpo import task
 from helpers.grpo.engine import EngineConfig, RolloutEngine
-from helpers.grpo.trainer import CORRECTIONS, Correction, GRPOConfig, run_grpo, sequence_logprobs
+from helpers.grpo.trainer import CORRECTIONS, GRPOConfig, run_grpo
 from helpers.models.decoder import Decoder
-from helpers.rl import rollout_correction as rc
 
-__all__ = ["Arm", "ENGINES", "BENCH_ENGINES", "make_arms", "run_arms", "summarize", "paired_differences",
-           "engine_settings", "bench_engines", "gemm_path_accuracy"]
+__all__ = ["Arm", "ENGINES", "BENCH_ENGINES", "RUN_VERSION", "make_arms", "run_arms",
+           "engine_settings", "bench_engines"]
 
 # The engine configurations of the issue, plus the scale levers of the FP8 KV cache. The training arms run the
 # exact block-scaled GEMM with fp32 scales (vLLM's block-FP8 semantics): the bf16 fast path rounds fp32-scaled
@@ -85,24 +84,18 @@ def make_arms(engines: Sequence[str], corrections: Sequence[str], bf16_correctio
     return arms + [Arm(e, c) for e in engines if e != "bf16" for c in corrections]
 
 
+# Bump when a change alters what a run computes (trainer, engine, task, corrections, metrics): cached runs of an
+# older version are then trained again. Runs are keyed by this, the config, the block size and the starting policy.
+RUN_VERSION = 2
+
+
 def _run_key(arm: Arm, seed: int, cfg: GRPOConfig, block_size: tuple[int, int], policy_digest: str) -> str:
-    """File stem of a finished run in the cache: the arm, the seed and a digest of everything that decides it
-    (GRPO config, block size, starting policy, the source of the packages that compute it)."""
+    """File stem of a finished run in the cache: the arm, the seed and a digest of what decides it (:data:`RUN_VERSION`,
+    the GRPO config, the block size, the starting policy)."""
     h = hashlib.sha256()
-    h.update(json.dumps([asdict(cfg), list(block_size), policy_digest, _code_digest()], sort_keys=True).encode())
+    h.update(json.dumps([RUN_VERSION, asdict(cfg), list(block_size), policy_digest], sort_keys=True).encode())
     safe = re.sub(r"[^A-Za-z0-9]+", "_", arm.name).strip("_")
     return f"{safe}__seed{seed}__{h.hexdigest()[:12]}"
-
-
-def _code_digest() -> str:
-    """Digest of the source files whose change changes a run (grpo, rl, fp8, kvcache, models, core)."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for pkg in ("grpo", "rl", "fp8", "kvcache", "models"):
-        for f in sorted((root / pkg).glob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _policy_digest(policy: Decoder) -> str:
@@ -138,9 +131,9 @@ def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GR
     ``block_size`` is the FP8 engines' weight block (activation groups 1 x bk). ``workers`` > 1 runs the arm x seed
     jobs on that many processes (``spawn``, one torch thread each); a run is deterministic given its arm, seed and
     config, so the result does not depend on ``workers``. With ``cache_dir``, each finished run is saved there as
-    it completes (``<arm>__seed<s>__<digest>.csv``; the digest covers the config, the block size, the starting
-    policy and the source of the packages that compute a run) and a later call skips it: a long study resumes
-    where it stopped."""
+    it completes (``<arm>__seed<s>__<digest>.csv``; the digest covers :data:`RUN_VERSION`, the config, the block
+    size and the starting policy) and a later call skips it: a long study resumes where it stopped. Jobs start
+    seed by seed (every arm of seed 0, then of seed 1, ...), so a study stopped early holds complete pairs."""
     arms, seeds = list(arms), list(seeds)
     block_size = check_block_size(tuple(block_size))
     if workers < 1:
@@ -152,7 +145,7 @@ def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GR
     jobs = [(a, s) for a in arms for s in seeds]
     done: dict[tuple[Arm, int], list[dict]] = {}
     todo = []
-    for arm, seed in jobs:
+    for seed, arm in ((s, a) for s in seeds for a in arms):  # seed-major: a stopped study has whole seeds
         path = cache / f"{_run_key(arm, seed, cfg, block_size, digest)}.csv" if cache is not None else None
         if path is not None and path.exists():
             done[(arm, seed)] = pd.read_csv(path).to_dict("records")
@@ -186,54 +179,6 @@ def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GR
         for r in done[(arm, seed)]:
             rows.append({"arm": arm.name, "engine": arm.engine, "correction": arm.correction, "seed": seed, **r})
     return pd.DataFrame(rows)
-
-
-def summarize(df: pd.DataFrame, last: int = 10) -> pd.DataFrame:
-    """Per arm (and seed-averaged): final reward (mean of the last ``last`` steps), final and initial eval accuracy,
-    and the mismatch / correction metrics averaged over all steps; ``_sd`` columns are the between-seed standard
-    deviations of the per-seed values."""
-    steps = df["step"].max()
-    per_seed = []
-    for (arm, seed), g in df.groupby(["arm", "seed"], sort=False):
-        ev = g.dropna(subset=["eval/acc"])
-        per_seed.append({
-            "arm": arm, "seed": seed, "engine": g["engine"].iloc[0], "correction": g["correction"].iloc[0],
-            "reward_final": g[g["step"] > steps - last]["reward/mean"].mean(),
-            "acc_start": ev["eval/acc"].iloc[0], "acc_final": ev["eval/acc"].iloc[-1],
-            "kl_k1": g["mismatch/kl"].mean(), "kl_k3": g["mismatch/k3_kl"].mean(),
-            "token_mult_prob_error": g["mismatch/token_mult_prob_error"].mean(),
-            "frac_ratio_above_2": g["mismatch/fraction_truncated"].mean(),
-            "rejected_fraction_token": g["correction/rejected_fraction_token"].mean(),
-            "tokens_per_s": g["engine/tokens_per_s"].median(),
-            "sync_recalib_fraction": ((g["engine/sync_s"] + g["engine/recalib_s"]) / g["time/step_s"]).median(),
-        })
-    ps = pd.DataFrame(per_seed)
-    value_cols = [c for c in ps.columns if c not in ("arm", "seed", "engine", "correction")]
-    mean = ps.groupby(["arm", "engine", "correction"], sort=False)[value_cols].mean()
-    sd = ps.groupby(["arm", "engine", "correction"], sort=False)[["reward_final", "acc_final"]].std(ddof=1)
-    out = mean.join(sd.add_suffix("_sd")).reset_index()
-    out.insert(3, "seeds", ps.groupby("arm", sort=False)["seed"].count().values)
-    return out
-
-
-def paired_differences(df: pd.DataFrame, pairs: Iterable[tuple[str, str]], metric: str = "eval/acc"
-                       ) -> pd.DataFrame:
-    """Seed-paired differences of the final ``metric`` (its last logged value per run) between arms.
-
-    For each ``(arm, reference)`` in ``pairs`` (arm names as in ``df["arm"]``): the mean over the seeds both ran of
-    ``final(arm) - final(reference)``, its standard error (between-seed SD of the differences / sqrt(n); NaN for
-    one seed) and n. Pairing removes what the seeds share (the same prompts, the same starting policy), so the SE is
-    that of the arm effect alone. Columns: ``arm``, ``reference``, ``diff``, ``se``, ``n``."""
-    final = df.dropna(subset=[metric]).sort_values("step").groupby(["arm", "seed"])[metric].last()
-    rows = []
-    for arm, ref in pairs:
-        if arm not in final.index.get_level_values(0) or ref not in final.index.get_level_values(0):
-            continue
-        d = (final.loc[arm] - final.loc[ref]).dropna()
-        n = len(d)
-        rows.append({"arm": arm, "reference": ref, "diff": float(d.mean()),
-                     "se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), "n": n})
-    return pd.DataFrame(rows, columns=["arm", "reference", "diff", "se", "n"])
 
 
 def engine_settings(arm: Arm, cfg: GRPOConfig) -> dict[str, str]:
@@ -315,48 +260,3 @@ def bench_engines(policy: Decoder, configs: dict[str, EngineConfig], *, batch: i
     base = out.loc[out["engine"] == "bf16", "tokens_per_s"]
     out["ratio_vs_bf16"] = out["tokens_per_s"] / (float(base.iloc[0]) if len(base) else float("nan"))
     return out
-
-
-@torch.no_grad()
-def gemm_path_accuracy(policy: Decoder, *, n_digits: int, batch: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """What the ``"bf16"`` GEMM path costs against the exact block-scaled GEMM, measured on the policy.
-
-    Returns (per_layer, per_engine): per FP8 layer and scale format, the relative error (Frobenius) of the bf16
-    path's output against ``block_fp8_matmul`` (both in bf16) on that layer's real input activations; and per
-    engine variant (gemm "exact" / "bf16", scale "fp32" / "ue8m0") the k1 / k3 KL and token_mult_prob_error of
-    its teacher-forced log-probs against the fp32 policy - the FP8 mismatch itself - so the path's own error can be
-    read beside it."""
-    prompts, answers = _prompts(batch, n_digits, 2)
-    mask = torch.ones_like(answers, dtype=torch.float32)
-    ref_logp = sequence_logprobs(policy, prompts, answers, 1.0)
-    layer_rows, engine_rows = [], []
-    for scale_fmt in ("fp32", "ue8m0"):
-        engines = {gemm: RolloutEngine(policy, EngineConfig(linear="fp8", scale_fmt=scale_fmt, gemm=gemm),
-                                       batch=batch, max_len=prompts.shape[1] + answers.shape[1]) for gemm in
-                   ("exact", "bf16")}
-        # Inputs of every FP8 layer on a teacher-forced batch, captured on the bf16-path engine.
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
-                 for n, m in fp8_linears(engines["bf16"].model).items()]
-        sequence_logprobs(engines["bf16"].model, prompts, answers, 1.0)
-        for h in hooks:
-            h.remove()
-        for name, layer in fp8_linears(engines["bf16"].model).items():
-            x = inputs[name].reshape(-1, layer.in_features)
-            xq, xs = quant_act(x, layer.weight_block_size[1], scale_fmt=scale_fmt, backend="torch")
-            # Like with like: both outputs in the engine's bf16 (the exact GEMM rounds its fp32 accumulator too).
-            exact = block_fp8_matmul(xq, xs, layer.weight, layer.weight_scale_inv, block_size=layer.weight_block_size,
-                                     out_dtype=x.dtype, backend="torch").float()
-            fast = layer(x).float()
-            layer_rows.append({"layer": name, "scale_fmt": scale_fmt,
-                               "rel_err_bf16_vs_exact": float((fast - exact).norm() / exact.norm())})
-        for gemm, eng in engines.items():
-            lp = sequence_logprobs(eng.model, prompts, answers, 1.0).float()
-            m = rc.mismatch_metrics(ref_logp, lp, mask)
-            engine_rows.append({"gemm": gemm, "scale_fmt": scale_fmt, "kl_k1_vs_fp32": m["kl"],
-                                "kl_k3_vs_fp32": m["k3_kl"], "token_mult_prob_error": m["token_mult_prob_error"]})
-        a, b = (sequence_logprobs(engines[g].model, prompts, answers, 1.0).float() for g in ("exact", "bf16"))
-        m = rc.mismatch_metrics(a, b, mask)
-        engine_rows.append({"gemm": "bf16 vs exact", "scale_fmt": scale_fmt, "kl_k1_vs_fp32": m["kl"],
-                            "kl_k3_vs_fp32": m["k3_kl"], "token_mult_prob_error": m["token_mult_prob_error"]})
-    return pd.DataFrame(layer_rows), pd.DataFrame(engine_rows)

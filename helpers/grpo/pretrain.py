@@ -28,28 +28,28 @@ from helpers.models.decoder import Decoder, DecoderConfig
 
 __all__ = ["PretrainConfig", "pretrain", "evaluate", "save_policy", "load_policy", "DEFAULT_CHECKPOINT"]
 
-DEFAULT_CHECKPOINT = REPO_ROOT / "data" / "grpo_adder"
+DEFAULT_CHECKPOINT = REPO_ROOT / "data" / "grpo_adder10"
 
 
 @dataclass
 class PretrainConfig:
     """Knobs of :func:`pretrain` (defaults: the shipped checkpoint)."""
 
-    n_digits: int = 5
+    n_digits: int = 10
     """Digits per operand (answers are 2 n + 1 tokens)."""
-    d_model: int = 64
+    d_model: int = 128
     """Residual width."""
     n_layer: int = 2
     """Transformer blocks."""
     qk_norm: bool = True
     """Qwen3-style QK-norm (False: Llama / Qwen2.5)."""
-    head_dim: int = 16
+    head_dim: int = 64
     """Channels per attention head (Qwen3-8B: 128); query heads = d_model / head_dim, KV heads half of those."""
-    rope_theta: float = 10000.0
+    rope_theta: float = 1e6
     """RoPE base (Qwen3: 1e6)."""
     n_head: int = 0
     """Query heads (0: d_model / head_dim); KV heads are half of them (grouped-query attention)."""
-    steps: int = 3000
+    steps: int = 4000
     """Most optimizer steps."""
     batch: int = 128
     """Problems per step."""
