@@ -1,5 +1,7 @@
 """helpers.core.paired against scipy / statsmodels: paired t, TOST, Holm, the detectable difference."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -78,6 +80,7 @@ def test_paired_mde_matches_statsmodels_power(n):
 def test_paired_mde_shrinks_with_seeds_and_checks_input():
     assert paired_mde(0.01, 32) < paired_mde(0.01, 16) < paired_mde(0.01, 8)
     assert paired_mde(0.0, 8) == 0.0
+    assert 0.01 < paired_mde(0.001, 2, alpha=0.05 / 7) < math.inf  # two seeds at a Holm level: large, but finite
     with pytest.raises(ValueError, match="n must"):
         paired_mde(0.01, 1)
     with pytest.raises(ValueError, match="power"):

@@ -126,6 +126,12 @@ def paired_mde(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8) ->
         v = float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
         return 1.0 if math.isnan(v) else v  # scipy's nct is NaN far in the tail, where the power is 1
 
-    # The root lies below crit + z_power + a margin for the heavy t tail at few seeds.
-    nc = _opt.brentq(lambda c: power_at(c) - power, 0.0, crit + float(_st.norm.ppf(power)) + 10.0)
+    # The root lies below crit + z_power + a margin, except for the heavy t tails of very few seeds (n = 2 at a
+    # Holm-corrected level), where the bracket grows until the power is reached.
+    hi = crit + float(_st.norm.ppf(power)) + 10.0
+    while power_at(hi) < power:
+        hi *= 4.0
+        if hi > 1e6:
+            return math.inf
+    nc = _opt.brentq(lambda c: power_at(c) - power, 0.0, hi)
     return nc * sd / math.sqrt(n)
