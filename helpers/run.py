@@ -30,7 +30,8 @@ from typing import Any, Sequence
 from helpers.core.results import PROFILES, atomic_write_text, results_root
 from helpers.core.runtime import REPO_ROOT
 
-__all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "main"]
+__all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "check_value",
+           "describe_parameters", "main"]
 
 KERNEL_NAME = "fp8rl"
 KERNEL_DISPLAY = "Python (fp8rl .venv)"
@@ -101,8 +102,81 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
     return dict(papermill.inspect_notebook(str(path)))
 
 
+# Parameters of the cell tagged ``parameters`` that are not knobs: the profile is set with --profile, and the smoke
+# overrides are the runner's business (they are shown beside each knob by --list).
+_NOT_KNOBS = ("profile", "smoke_overrides")
+
+
+def _literal(source: str) -> tuple[bool, Any]:
+    """``(True, value)`` when the parameter's default ``source`` is a Python literal, else ``(False, None)``."""
+    try:
+        return True, ast.literal_eval(source)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False, None
+
+
+def _kind(value: Any) -> str:
+    """The type family a ``-p`` value is checked against: lists and tuples are one family (JSON has no tuple)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "None" if value is None else type(value).__name__
+
+
+_KIND_WORDS = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
+               "list": "a list", "dict": "a dict", "None": "None"}
+_KIND_PLURAL = {"bool": "booleans", "int": "integers", "float": "numbers", "str": "strings", "list": "lists",
+                "dict": "dicts", "None": "None"}
+
+
+def _compatible(value: Any, default: Any) -> bool:
+    """True if ``value`` has the type of ``default`` (an int where a float is expected is fine; list elements are
+    checked against the kinds the default's elements have; a None default accepts anything)."""
+    if default is None:
+        return True
+    kd, kv = _kind(default), _kind(value)
+    if kd == "float" and kv == "int":
+        return True
+    if kd != kv:
+        return False
+    if kd == "list" and len(default):
+        return all(any(_compatible(v, d) for d in default) for v in value)
+    return True
+
+
+def check_value(key: str, text: str, value: Any, default_source: str, notebook: str) -> Any:
+    """``value`` (parsed from the command-line ``text``) checked against the type of the parameter's default
+    (``default_source``, the notebook's own text); returns the value to inject.
+
+    A string default takes the raw text even when it reads as another literal (``-p tag 2024`` gives ``"2024"``).
+    A default that is not a literal (an expression) is not checked. Raises :class:`UsageError` naming the
+    parameter, the value, and the expected type with the default as an example.
+    """
+    ok, default = _literal(default_source)
+    if not ok:
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    if _compatible(value, default):
+        return value
+    expected = _KIND_WORDS.get(_kind(default), type(default).__name__)
+    if _kind(default) == "list" and _kind(value) == "list":
+        expected = f"a list of {' or '.join(sorted({_KIND_PLURAL.get(_kind(d), '?') for d in default}))}"
+    if isinstance(value, str):
+        got = f"the string {text!r}"
+    else:
+        got = f"{_KIND_WORDS.get(_kind(value), type(value).__name__)} {value!r}"
+    if len(default_source) > 60:
+        default_source = default_source[:57] + "..."
+    hint = " (not a Python/JSON literal; quote strings inside lists, e.g. '[\"a\", \"b\"]')" if (
+        isinstance(value, str) and _kind(default) in ("list", "dict")) else ""
+    raise UsageError(f"-p {key}: expected {expected} like {notebook}'s default {default_source}, got {got}{hint}")
+
+
 def parse_params(pairs: Sequence[Sequence[str]], notebooks: Sequence[Path]) -> dict[str, Any]:
-    """Check every ``-p KEY VALUE`` against each selected notebook's parameters cell."""
+    """Check every ``-p KEY VALUE`` against each selected notebook's parameters cell: the name must be declared,
+    and the value must have the type of the declared default (:func:`check_value`), before any kernel starts."""
     params: dict[str, Any] = {}
     declared = {p.stem: notebook_parameters(p) for p in notebooks}
     for name, names in declared.items():
@@ -112,11 +186,33 @@ def parse_params(pairs: Sequence[Sequence[str]], notebooks: Sequence[Path]) -> d
     for key, value in pairs:
         if key == "profile":
             raise UsageError("set the profile with --profile, not -p profile")
+        if key == SMOKE_NAME:
+            raise UsageError(f"{SMOKE_NAME} is not a knob: pass each value with -p KEY VALUE")
         missing = [name for name, names in declared.items() if key not in names]
         if missing:
             raise UsageError(f"unknown parameter {key!r} for notebook(s) {', '.join(missing)}")
-        params[key] = parse_value(value)
+        parsed = parse_value(value)
+        for name, names in declared.items():
+            parsed = check_value(key, value, parsed, names[key]["default"], name)
+        params[key] = parsed
     return params
+
+
+def describe_parameters(path: Path) -> list[str]:
+    """``--list``'s lines for one notebook: each knob's default (the full profile), its smoke value when the smoke
+    profile changes it, and its comment; ``profile`` and ``smoke_overrides`` are not knobs and are left out."""
+    smoke = smoke_overrides(path)
+    lines = [path.stem]
+    for key, info in notebook_parameters(path).items():
+        if key in _NOT_KNOBS:
+            continue
+        line = f"  {key} = {info['default']}"
+        if key in smoke:
+            line += f"  (smoke: {smoke[key]!r})"
+        if info.get("help"):
+            line += f"  # {info['help']}"
+        lines.append(line)
+    return lines
 
 
 SMOKE_NAME = "smoke_overrides"
@@ -316,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.list:
         for p in chosen:
-            print(f"{p.stem}: {', '.join(notebook_parameters(p))}")
+            print("\n".join(describe_parameters(p)))
         return 0
 
     from helpers.core.report import build_gallery
