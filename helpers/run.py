@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -287,14 +288,79 @@ def first_error(executed: Path) -> tuple[int | None, str | None]:
     return None, None
 
 
-def render_html(executed: Path, target: Path) -> None:
-    """Render an executed notebook to a standalone HTML report (images embedded)."""
+# Cells tagged so show their outputs but not their code in report.html (e.g. a verdict cell whose rules live in a
+# tested helper: the verdicts are what the reader needs, the call is in the notebook).
+HIDE_INPUT_TAG = "hide-input"
+
+
+def machine_paths(out: Path | None = None) -> list[tuple[str, str]]:
+    """``(absolute prefix, what a report shows instead)`` pairs, longest first: the output folder, the repository,
+    the home directory. A committed report must not carry the path of the machine that ran it."""
+    pairs = [(str(REPO_ROOT), "."), (str(Path.home()), "~")]
+    if out is not None:
+        pairs.append((str(Path(out).resolve()), "<out>"))
+    return sorted({(a, b) for a, b in pairs if len(a) > 1}, key=lambda ab: -len(ab[0]))
+
+
+def scrub_paths(text: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """``text`` with every absolute prefix of ``pairs`` replaced (``/work/main/results/x.png`` -> ``./results/x.png``)."""
+    for prefix, short in pairs:
+        text = re.sub(re.escape(prefix) + r"(?![\w.-])", lambda _: short, text)  # "/root" but not "/rootfs"
+    return text
+
+
+def _scrub_outputs(nb: Any, pairs: Sequence[tuple[str, str]]) -> None:
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = scrub_paths(out["text"], pairs)
+            if "traceback" in out:
+                out["traceback"] = [scrub_paths(t, pairs) for t in out["traceback"]]
+            if "evalue" in out:
+                out["evalue"] = scrub_paths(out["evalue"], pairs)
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/") and isinstance(value, str):
+                    out["data"][mime] = scrub_paths(value, pairs)
+
+
+def verdict_cell_source(metrics: dict[str, Any]) -> str | None:
+    """The Markdown block that opens report.html: the run's verdicts (from ``metrics.json``), or None if none."""
+    verdicts = metrics.get("verdicts") or []
+    if not verdicts:
+        return None
+    lines = [f"- **{v['verdict']}**: {v['claim']} - {v['reason']}" for v in verdicts]
+    profile = metrics.get("profile", "?")
+    note = (" Smoke profile: tiny budgets, so these verdicts only check that the notebook runs end to end, not the "
+            "claims." if profile == "smoke" else "")
+    return (f"**Verdicts of this run** (profile {profile}; the `## Result` section at the end gives the numbers "
+            f"and the reasoning).{note}\n\n" + "\n".join(lines))
+
+
+def render_html(executed: Path, target: Path, *, out: Path | None = None) -> None:
+    """Render an executed notebook to a standalone HTML report (images embedded).
+
+    The report opens with the run's verdicts (from ``metrics.json`` beside ``target``, when the run wrote one), hides
+    the code of cells tagged ``hide-input``, and carries no absolute path of this machine (:func:`machine_paths`).
+    """
     import nbformat
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
 
     nb = nbformat.read(str(executed), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    atomic_write_text(target, body)
+    _scrub_outputs(nb, machine_paths(out))
+    metrics_path = target.parent / "metrics.json"
+    if metrics_path.exists():
+        try:
+            source = verdict_cell_source(json.loads(metrics_path.read_text()))
+        except ValueError:
+            source = None
+        if source:
+            at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0  # after the title
+            nb.cells.insert(at, nbformat.v4.new_markdown_cell(source, metadata={"tags": ["verdict-summary"]}))
+    exporter = HTMLExporter()
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={HIDE_INPUT_TAG}), enabled=True)
+    body, _ = exporter.from_notebook_node(nb)
+    atomic_write_text(target, body)  # (not scrubbed as a whole: embedded base64 images could match a prefix)
 
 
 def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path, threads: int) -> NotebookRun:
@@ -345,7 +411,7 @@ def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path,
             run.error = f"papermill exited {proc.returncode}: {tail[0] if tail else 'no output'}"
     if executed.exists():
         try:
-            render_html(executed, nb_out / "report.html")
+            render_html(executed, nb_out / "report.html", out=out)
         except Exception as exc:  # noqa: BLE001 - a broken render is reported, the run's outcome stands
             run.extra["render_error"] = f"{type(exc).__name__}: {exc}"
     record = {"notebook": name, "status": run.status, "profile": profile, "wall_time_s": round(run.wall_time_s, 1),

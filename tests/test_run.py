@@ -213,3 +213,49 @@ def test_type_error_exits_2_before_any_kernel_starts(typed_nb, tmp_path):
     proc = _cli("--notebook-dir", str(typed_nb), "--out", str(out), "-p", "steps", "ten")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert not out.exists()  # nothing ran, nothing written
+
+
+REPORT_BODY = [
+    "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport pandas as pd\n"
+    "from pathlib import Path\nfrom helpers.core import results\n"
+    "res = results.Results('80_report', title='r', profile=profile, params={'scale': scale})",
+    "fig = plt.figure()\nplt.plot([1, 2])\nres.save_figure(fig, 'curve')",  # the cell ends in save_figure
+    "res.save_table(pd.DataFrame({'a': [1]}), 'table')",
+    "print(Path.cwd(), Path.home())",  # a path printed on purpose is shortened as well
+    "res.add_result('a quantity whose name is longer than fifty characters, to check truncation', 1, '2',\n"
+    "               'a note that is also far longer than the fifty characters pandas shows by default')\n"
+    "res.add_verdict('the claim', 'partly', 'the reason')\nres.finalize()",
+    "res.result_table()",
+]
+
+
+def test_report_opens_with_verdicts_and_holds_no_machine_path(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _write_notebook(d / "80_report.ipynb", REPORT_BODY)
+    nb = nbformat.read(str(d / "80_report.ipynb"), as_version=4)
+    nb.cells[-2].metadata["tags"] = [run.HIDE_INPUT_TAG]  # the verdict cell: outputs shown, code hidden
+    nbformat.write(nb, str(d / "80_report.ipynb"))
+    out = tmp_path / "out"
+    proc = _cli("--notebook-dir", str(d), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    html = (out / "80_report" / "report.html").read_text()
+    executed = (out / "80_report" / "executed.ipynb").read_text()
+    assert str(out) in executed  # the raw executed notebook does hold the paths (a Path's str, the print) ...
+    for path in (str(REPO), str(out.resolve()), str(Path.home())):
+        assert path not in html, f"report.html shows the machine path {path}"  # ... the report does not
+    assert "PosixPath(" not in html and "saved 80_report/curve.png" in html and "saved 80_report/table.csv" in html
+    # the run's verdicts come first: before the first code cell
+    first_code = html.index("jp-CodeCell", html.index("<body"))
+    assert html.index("Verdicts of this run") < first_code
+    assert html.index("<strong>partly</strong>: the claim - the reason") < first_code
+    # the hide-input cell's code is gone, and the result table is not truncated
+    assert "add_verdict" not in html
+    assert "far longer than the fifty characters pandas shows by default" in html
+    assert "longer than fifty characters, to check truncation" in html
+
+
+def test_scrub_paths_replaces_whole_path_components_only():
+    pairs = [("/work/main", "."), ("/root", "~")]
+    text = "/work/main/results/x.png /root/.cache /rootfs/y /work/mainline"
+    assert run.scrub_paths(text, pairs) == "./results/x.png ~/.cache /rootfs/y /work/mainline"
