@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(run)
             print(run.describe(), flush=True)
     if not args.no_index:
-        index = build_gallery(out)
+        index = build_gallery(out, notebook_dir=args.notebook_dir)
         print(f"gallery: {index}", flush=True)
     failed = [r for r in runs if r.status != "ok"]
     print(f"{len(runs) - len(failed)} notebook(s) ok, {len(failed)} failed in {time.perf_counter() - t0:.0f} s",

@@ -22,7 +22,7 @@ from typing import Any, MutableMapping
 
 from helpers.core.runtime import REPO_ROOT
 
-__all__ = ["SMOKE_NAME", "parameter_defaults", "notebook_defaults", "apply_smoke_overrides"]
+__all__ = ["SMOKE_NAME", "parameter_defaults", "notebook_defaults", "apply_smoke_overrides", "same_value"]
 
 SMOKE_NAME = "smoke_overrides"
 _MISSING = object()
@@ -108,7 +108,7 @@ def apply_smoke_overrides(namespace: MutableMapping[str, Any], notebook: str, *,
     for key, value in overrides.items():
         current = namespace.get(key, _MISSING)
         default = defaults.get(key, _MISSING)
-        if current is _MISSING or default is _MISSING or _same(current, default):
+        if current is _MISSING or default is _MISSING or same_value(current, default):
             namespace[key] = value
             applied[key] = value
         else:
@@ -122,10 +122,10 @@ def apply_smoke_overrides(namespace: MutableMapping[str, Any], notebook: str, *,
     return applied
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
     """Equality of parameter values, tuples and lists alike (JSON, and so papermill, turns tuples into lists)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     if isinstance(a, bool) != isinstance(b, bool):
         return False  # True == 1 in Python, but a flag and a count are different edits
     try:
