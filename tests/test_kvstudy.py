@@ -185,6 +185,13 @@ def test_recalibration_verdict(gaps, thresholds, want):
         verdicts.recalibration_verdict(table, recipe_lr=5.0, thresholds=thresholds)
 
 
+def test_too_few_evaluations_never_hurt():
+    arms, steps = _drift_tables({1e-4: 0.3})
+    few = arms[arms["step"] <= 2 * (verdicts.MIN_EVALS - 1)]  # MIN_EVALS - 1 evaluations after step 0
+    assert not verdicts.recalibration_table(few, steps)["hurts"].any()
+    assert verdicts.recalibration_table(arms, steps).set_index("arm").loc["once (step 0)", "hurts"]
+
+
 def test_growth_threshold():
     rows = []
     for f, stale, sat in ((1.0, 0.2, 0.0), (1.1, 0.22, 0.001), (1.5, 0.8, 0.02), (2.0, 2.0, 0.05)):

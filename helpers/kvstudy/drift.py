@@ -55,7 +55,7 @@ from helpers.rl.advantages import grpo_advantages
 from helpers.rl.rollout_correction import mismatch_metrics
 
 __all__ = ["Arm", "DEFAULT_ARMS", "HP_ARM", "DriftConfig", "engine_mismatch", "sequence_logprobs", "run_drift",
-           "scale_keys_", "key_growth_sweep"]
+           "scale_keys_", "key_growth_sweep", "resolve_checkpoint"]
 
 HP_ARM = "hp cache"
 """Name of the reference arm: the same engine with a high-precision cache (mismatch 0 up to float rounding)."""
@@ -146,7 +146,8 @@ def engine_mismatch(trainer: Any, prompts: torch.Tensor, max_new_tokens: int, *,
     return metrics, out
 
 
-def _resolve(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` as given when absolute, else relative to the repository root (notebooks run from notebooks/)."""
     from helpers.core.runtime import REPO_ROOT
 
     p = Path(path)
@@ -172,7 +173,7 @@ def run_drift(cfg: DriftConfig, arms: Sequence[Arm] = DEFAULT_ARMS, *,
     if HP_ARM in {a.name for a in arms}:
         raise ValueError(f"arms must not use the reserved name {HP_ARM!r}")
     seed_everything(cfg.seed)
-    policy, meta = load_policy(_resolve(cfg.checkpoint))
+    policy, meta = load_policy(resolve_checkpoint(cfg.checkpoint))
     start = copy.deepcopy(policy).eval()
     n_digits = int(meta.get("pretrain", {}).get("n_digits", 5))
     a_len, p_len = task.answer_len(n_digits), task.prompt_len(n_digits)
@@ -287,7 +288,7 @@ def key_growth_sweep(checkpoint: str | Path, factors: Sequence[float], *, arms: 
     Rows ``(factor, arm, k_amax_growth, kl, k3_kl, token_mult_prob_error, k_saturated_fraction, reward, ...)``;
     the ``hp cache`` rows are the floor. Same prompts and random stream for every arm and factor.
     """
-    base, meta = load_policy(_resolve(checkpoint))
+    base, meta = load_policy(resolve_checkpoint(checkpoint))
     n_digits = int(meta.get("pretrain", {}).get("n_digits", 5))
     a_len, p_len = task.answer_len(n_digits), task.prompt_len(n_digits)
     g = torch.Generator().manual_seed(seed + 1)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["STALE_RATIO", "STALE_MARGIN", "CALIBRATION_SHARE_TARGET", "CPU_DECODE_RATIO_TARGET",
+__all__ = ["STALE_RATIO", "STALE_MARGIN", "MIN_EVALS", "CALIBRATION_SHARE_TARGET", "CPU_DECODE_RATIO_TARGET",
            "paired_gap", "recalibration_table", "growth_threshold", "recalibration_verdict", "memory_verdict",
            "qk_norm_verdict", "calibration_cost_verdict", "decode_verdict"]
 
@@ -21,6 +21,8 @@ STALE_RATIO = 1.5
 STALE_MARGIN = 0.05
 """... and by this absolute k1 (nats per token), and the paired difference's 95% interval excludes 0. At these
 models' FP8-KV floor (k1 ~ 0.15 - 0.5 with fresh scales) a smaller gap is within the evaluation noise."""
+MIN_EVALS = 5
+"""... over at least this many paired evaluations (a bootstrap over fewer says nothing: smoke runs have 2)."""
 CALIBRATION_SHARE_TARGET = 0.05
 """NVIDIA reports 2-3% of step time for the per-step calibration; 5% is the target we hold it to."""
 CPU_DECODE_RATIO_TARGET = 1.5
@@ -45,13 +47,14 @@ def paired_gap(stale: Sequence[float], fresh: Sequence[float], *, n_resamples: i
 
 
 def _hurts(gap: Mapping[str, float]) -> bool:
-    return gap["lo"] > 0 and gap["ratio"] > STALE_RATIO and gap["diff"] > STALE_MARGIN
+    return gap["n"] >= MIN_EVALS and gap["lo"] > 0 and gap["ratio"] > STALE_RATIO and gap["diff"] > STALE_MARGIN
 
 
 def recalibration_table(arms: pd.DataFrame, steps: pd.DataFrame, *, stale_arms: Sequence[str] = (
         "once (step 0)", "vllm once", "unit"), fresh_arm: str = "every step", metric: str = "kl") -> pd.DataFrame:
     """Per run (``variant``, ``lr``) and stale arm: :func:`paired_gap` of ``metric`` over the evaluations after
-    step 0, whether it hurts (ratio > :data:`STALE_RATIO`, difference > :data:`STALE_MARGIN`, interval above 0),
+    step 0, whether it hurts (ratio > :data:`STALE_RATIO`, difference > :data:`STALE_MARGIN`, interval above 0,
+    at least :data:`MIN_EVALS` evaluations),
     the K amax growth (last / first step), the stale arm's mean saturated K fraction, the final reward and the
     policy's KL from its start. ``arms`` / ``steps``: :func:`helpers.kvstudy.drift.run_drift`'s tables with
     ``variant`` and ``lr`` columns added."""
