@@ -105,11 +105,14 @@ def test_aggregate_pools_learned_games_and_leaves_out_the_rest():
     assert (table.confidence == stats.bonferroni_confidence(4)).all()
 
 
-def test_aggregate_with_unequal_seeds_per_game_is_refused():
-    runs = _runs({("CartPole-v1", "M2DQN"): np.full(6, 0.5), ("CartPole-v1", "DDQN"): np.full(6, 0.5),
-                  ("Acrobot-v1", "M2DQN"): np.full(5, 0.5), ("Acrobot-v1", "DDQN"): np.full(5, 0.5)})
-    with pytest.raises(ValueError, match="every env needs the same number of runs"):
-        decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=10)
+def test_aggregate_uses_the_common_seeds_and_skips_games_with_too_few():
+    runs = _runs({("CartPole-v1", "M2DQN"): np.linspace(0.5, 0.9, 8), ("CartPole-v1", "DDQN"): np.full(8, 0.5),
+                  ("Acrobot-v1", "M2DQN"): np.linspace(0.5, 0.9, 6), ("Acrobot-v1", "DDQN"): np.full(6, 0.5),
+                  ("LunarLander-v3", "M2DQN"): np.full(3, 0.9), ("LunarLander-v3", "DDQN"): np.full(3, 0.5)})
+    agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=50)
+    assert agg["games"] == ["Acrobot-v1", "CartPole-v1"] and agg["seeds"] == [1, 2, 3, 4, 5, 6]
+    assert agg["excluded"] == {"LunarLander-v3": "3 runs of an arm so far, fewer than 5"}
+    assert agg["n_primary"] == 6
 
 
 def test_baseline_check_is_a_noninferiority_test():
@@ -121,3 +124,20 @@ def test_baseline_check_is_a_noninferiority_test():
     worse = _runs({("CartPole-v1", "DQN"): 0.20 + 0.02 * rng.standard_normal(10),
                    ("CartPole-v1", "SB3 DQN"): 0.50 + 0.02 * rng.standard_normal(10)})
     assert decide.baseline_check(worse, "DQN", "SB3 DQN", n_boot=500)["verdict"] == "not reproduced"
+
+
+def test_describe_and_controls_verdict():
+    rng = np.random.default_rng(3)
+    runs = _runs({("CartPole-v1", "M2DQN"): 0.7 + 0.02 * rng.standard_normal(10),
+                  ("CartPole-v1", "DDQN"): 0.5 + 0.02 * rng.standard_normal(10),
+                  ("CartPole-v1", "few"): np.full(3, 0.5)})
+    good = decide.compare_arms(runs, "M2DQN", "DDQN", n_boot=200)
+    few = decide.compare_arms(runs, "M2DQN", "few", n_boot=200)
+    assert "P(M2DQN > DDQN)" in decide.describe(good) and "smallest detectable difference" in decide.describe(good)
+    assert decide.describe(few) == "fewer than 5 seeds per arm (10 vs 3): no interval reported"
+    mk = lambda o: {"outcome": o, "verdict": decide.effect_verdict(o, 0.1, 0.05)}  # noqa: E731
+    assert decide.controls_verdict([mk("better"), mk("better")]) == "reproduced"
+    assert decide.controls_verdict([mk("better"), mk("inconclusive")]) == "partly"
+    assert decide.controls_verdict([mk("inconclusive"), mk("below target")]) == "inconclusive"
+    assert decide.controls_verdict([mk("worse"), mk("below target")]) == "not reproduced"
+    assert decide.controls_verdict([mk("better"), few]) == "not testable here"

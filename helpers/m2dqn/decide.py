@@ -34,7 +34,7 @@ from helpers.core import stats
 
 __all__ = ["Decisions", "LEARNED_LEVEL", "pooled_sd", "min_detectable_difference", "effect_outcome",
            "effect_verdict", "noninferiority_outcome", "compare_arms", "per_game_table", "game_learned",
-           "aggregate_across_games", "baseline_check"]
+           "aggregate_across_games", "baseline_check", "describe", "controls_verdict"]
 
 # A game counts as learned when, for some arm, at least half of the runs end with a normalised final greedy return
 # above 0.1: a tenth of the way from the random policy to Gymnasium's threshold. Below it the normalised AUC
@@ -211,21 +211,27 @@ def per_game_table(runs: pd.DataFrame, primary: str, other: str, *, decisions: D
 def aggregate_across_games(runs: pd.DataFrame, primary: str, other: str, *, decisions: Decisions = Decisions(),
                            games: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
                            ) -> dict[str, Any]:
-    """The multi-game claim: :func:`compare_arms` over the pooled runs of the games that some arm learns (one
-    comparison, at ``family_confidence``), with ``games`` (pooled) and ``excluded`` (``{env: reason}``).
-
-    Each arm needs the same number of runs in every pooled game (rliable's ``[runs, games]`` layout)."""
+    """The multi-game claim: :func:`compare_arms` over the pooled runs of the games that some arm learns and that
+    hold ``min_seeds`` runs of both arms (one comparison, at ``family_confidence``), on the seeds every pooled game
+    and arm has (rliable's ``[runs, games]`` layout needs the same count everywhere). Adds ``games`` (pooled),
+    ``seeds`` (used) and ``excluded`` (``{env: reason}``)."""
     games = sorted(runs.env_id.unique()) if games is None else list(games)
     included, excluded = [], {}
     for env in games:
-        learned, why = game_learned(runs[runs.env_id == env], env)
+        sub = runs[(runs.env_id == env) & runs.method.isin([primary, other])]
+        counts = [int((sub.method == m).sum()) for m in (primary, other)]
+        if min(counts) < decisions.min_seeds:
+            excluded[env] = f"{min(counts)} runs of an arm so far, fewer than {decisions.min_seeds}"
+            continue
+        learned, why = game_learned(sub, env)
         (included.append(env) if learned else excluded.__setitem__(env, why))
     if not included:
-        return {"vs": other, "games": [], "excluded": excluded, "outcome": "no game learned",
+        return {"vs": other, "games": [], "seeds": [], "excluded": excluded, "outcome": "no game to pool",
                 "verdict": "not testable here"}
-    out = compare_arms(runs[runs.env_id.isin(included)], primary, other, decisions=decisions, n_boot=n_boot,
-                       seed=seed)
-    return {**out, "games": included, "excluded": excluded}
+    pool = runs[runs.env_id.isin(included) & runs.method.isin([primary, other])]
+    seeds = sorted(set.intersection(*(set(g.seed) for _, g in pool.groupby(["env_id", "method"]))))
+    out = compare_arms(pool[pool.seed.isin(seeds)], primary, other, decisions=decisions, n_boot=n_boot, seed=seed)
+    return {**out, "games": included, "seeds": seeds, "excluded": excluded}
 
 
 def baseline_check(runs: pd.DataFrame, ours: str, reference: str, *, decisions: Decisions = Decisions(),
@@ -240,3 +246,34 @@ def baseline_check(runs: pd.DataFrame, ours: str, reference: str, *, decisions: 
     outcome = noninferiority_outcome(row["diff_low"], row["diff_high"], decisions.ni_margin)
     verdict = {"non-inferior": "reproduced", "inferior": "not reproduced"}.get(outcome, "inconclusive")
     return {**row, "margin": decisions.ni_margin, "outcome": outcome, "verdict": verdict}
+
+
+def describe(row: dict[str, Any], primary: str = "M2DQN") -> str:
+    """One sentence of a :func:`compare_arms` / :func:`baseline_check` row: the IQMs, the difference with its
+    interval and level, P(improvement), the pooled SD and the smallest detectable difference - or only the counts
+    when there are too few seeds (nothing else is printed below ``min_seeds``)."""
+    if row["verdict"] == "not testable here" and not np.isfinite(row.get("difference", np.nan)):
+        return f"{row['outcome']} ({row['n_primary']} vs {row['n_other']}): no interval reported"
+    return (f"IQM {row['iqm_primary']:.3f} vs {row['iqm_other']:.3f}, difference {row['difference']:+.3f} "
+            f"[{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] at {row['confidence']:.1%}, "
+            f"P({primary} > {row['vs']}) {row['poi']:.2f} [{row['poi_low']:.2f}, {row['poi_high']:.2f}], "
+            f"{row['n_primary']} vs {row['n_other']} runs, pooled SD {row['pooled_sd']:.3f}, smallest detectable "
+            f"difference {row['mde']:.3f}: {row['outcome']}")
+
+
+def controls_verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """The verdict of "the gain comes from the max-mean loss" from the primary's :func:`compare_arms` rows against
+    the controls: ``reproduced`` when it beats every control (outcome "better"), ``partly`` when it beats some,
+    ``inconclusive`` when it beats none and some interval covers both 0 and the target, ``not reproduced`` when every
+    comparison rules the target out (or is worse), ``not testable here`` when any has too few seeds."""
+    if not rows:
+        raise ValueError("rows must hold at least one comparison with a control")
+    outcomes = [r["outcome"] for r in rows]
+    if any(r["verdict"] == "not testable here" for r in rows):
+        return "not testable here"
+    better = sum(o == "better" for o in outcomes)
+    if better == len(outcomes):
+        return "reproduced"
+    if better:
+        return "partly"
+    return "inconclusive" if "inconclusive" in outcomes else "not reproduced"
