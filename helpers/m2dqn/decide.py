@@ -146,7 +146,7 @@ def compare_arms(runs: pd.DataFrame, primary: str, other: str, *, decisions: Dec
     """``primary`` against ``other`` on ``metric`` (default the primary metric) over every env in ``runs`` (a
     :func:`helpers.core.stats.per_run_table`; with several envs, the pooled IQM with a bootstrap stratified by env).
 
-    Returns a dict: ``vs``, ``metric``, ``n_primary`` / ``n_other`` (fewest runs per env), ``iqm_primary``,
+    Returns a dict: ``arm`` (= ``primary``), ``vs``, ``metric``, ``n_primary`` / ``n_other`` (fewest runs per env), ``iqm_primary``,
     ``iqm_other``, ``difference``, ``diff_low``, ``diff_high`` (at the Bonferroni level ``confidence`` for
     ``n_comparisons``), ``poi`` / ``poi_low`` / ``poi_high`` (P(primary > other), mean over envs),
     ``pooled_sd`` (within env, both arms), ``mde`` (:func:`min_detectable_difference` at ``confidence``),
@@ -158,7 +158,7 @@ def compare_arms(runs: pd.DataFrame, primary: str, other: str, *, decisions: Dec
     x, y = stats.score_matrix(runs, primary, metric), stats.score_matrix(runs, other, metric)  # [runs, envs]
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"{primary!r} and {other!r} must cover the same envs, got {x.shape[1]} and {y.shape[1]}")
-    row: dict[str, Any] = {"vs": other, "metric": metric, "n_primary": int(x.shape[0]), "n_other": int(y.shape[0]),
+    row: dict[str, Any] = {"arm": primary, "vs": other, "metric": metric, "n_primary": int(x.shape[0]), "n_other": int(y.shape[0]),
                            "confidence": conf}
     nan_keys = ("iqm_primary", "iqm_other", "difference", "diff_low", "diff_high", "poi", "poi_low", "poi_high",
                 "pooled_sd", "mde")
