@@ -49,7 +49,7 @@ clean:
 # write nothing, and fail: the recipe exits 7 (helpers.gpu_bench.NO_GPU_EXIT, not one of pytest's 1-5), which make
 # reports as "Error 7" before exiting 2 itself, so a GPU job on a runner that lost its GPU does not pass empty.
 #   make gpu-test    pytest -m gpu: the compiled kernels against the torch path at production shapes
-#   make gpu-bench   python -m helpers.gpu_bench: results/gpu/{gemm,requant,attention}.csv + bench.json
+#   make gpu-bench   python -m helpers.gpu_bench: results/gpu/{gemm,requant,attention,decode_layer}.csv + bench.json
 # The nvidia-smi check comes first so that a CPU machine never starts a (re)install for nothing.
 NO_GPU = { echo "$@: no NVIDIA GPU found (nvidia-smi lists none); nothing run, nothing written"; exit 7; }
 
