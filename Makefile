@@ -1,7 +1,7 @@
 # The README's commands. Everything runs inside .venv, created and filled here from the pinned requirements.
 #   make reports [PROFILE=smoke] [JOBS=2] [OUT=dir]   run every notebook, render HTML, rebuild <out>/index.html
 #   make test                                pytest over helpers + every notebook on the smoke profile
-#   make lab                                 JupyterLab with the venv's kernel
+#   make lab [LAB_ARGS=...]                  JupyterLab with the venv's kernel (--allow-root as root)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -35,8 +35,12 @@ browser:
 test: setup browser
 	$(PY) -m pytest
 
+# As root (a container, a cloud VM) Jupyter refuses to start without --allow-root: pass it when the uid is 0.
+# LAB_ARGS adds options, e.g. make lab LAB_ARGS="--no-browser --port 8899 --ip 0.0.0.0".
+# Notebooks run here write into results-interactive/ (git-ignored), not into the committed results/.
+LAB_ARGS ?=
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
@@ -45,7 +49,7 @@ clean:
 # write nothing, and fail: the recipe exits 7 (helpers.gpu_bench.NO_GPU_EXIT, not one of pytest's 1-5), which make
 # reports as "Error 7" before exiting 2 itself, so a GPU job on a runner that lost its GPU does not pass empty.
 #   make gpu-test    pytest -m gpu: the compiled kernels against the torch path at production shapes
-#   make gpu-bench   python -m helpers.gpu_bench: results/gpu/{gemm,requant,attention}.csv + bench.json
+#   make gpu-bench   python -m helpers.gpu_bench: results/gpu/{gemm,requant,attention,decode_layer}.csv + bench.json
 # The nvidia-smi check comes first so that a CPU machine never starts a (re)install for nothing.
 NO_GPU = { echo "$@: no NVIDIA GPU found (nvidia-smi lists none); nothing run, nothing written"; exit 7; }
 

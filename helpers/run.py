@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ from typing import Any, Sequence
 from helpers.core.results import PROFILES, atomic_write_text, results_root
 from helpers.core.runtime import REPO_ROOT
 
-__all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "main"]
+__all__ = ["KERNEL_NAME", "NOTEBOOK_DIR", "NotebookRun", "discover", "select", "parse_params", "check_value",
+           "describe_parameters", "main"]
 
 KERNEL_NAME = "fp8rl"
 KERNEL_DISPLAY = "Python (fp8rl .venv)"
@@ -101,8 +103,81 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
     return dict(papermill.inspect_notebook(str(path)))
 
 
+# Parameters of the cell tagged ``parameters`` that are not knobs: the profile is set with --profile, and the smoke
+# overrides are the runner's business (they are shown beside each knob by --list).
+_NOT_KNOBS = ("profile", "smoke_overrides")
+
+
+def _literal(source: str) -> tuple[bool, Any]:
+    """``(True, value)`` when the parameter's default ``source`` is a Python literal, else ``(False, None)``."""
+    try:
+        return True, ast.literal_eval(source)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False, None
+
+
+def _kind(value: Any) -> str:
+    """The type family a ``-p`` value is checked against: lists and tuples are one family (JSON has no tuple)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "None" if value is None else type(value).__name__
+
+
+_KIND_WORDS = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
+               "list": "a list", "dict": "a dict", "None": "None"}
+_KIND_PLURAL = {"bool": "booleans", "int": "integers", "float": "numbers", "str": "strings", "list": "lists",
+                "dict": "dicts", "None": "None"}
+
+
+def _compatible(value: Any, default: Any) -> bool:
+    """True if ``value`` has the type of ``default`` (an int where a float is expected is fine; list elements are
+    checked against the kinds the default's elements have; a None default accepts anything)."""
+    if default is None:
+        return True
+    kd, kv = _kind(default), _kind(value)
+    if kd == "float" and kv == "int":
+        return True
+    if kd != kv:
+        return False
+    if kd == "list" and len(default):
+        return all(any(_compatible(v, d) for d in default) for v in value)
+    return True
+
+
+def check_value(key: str, text: str, value: Any, default_source: str, notebook: str) -> Any:
+    """``value`` (parsed from the command-line ``text``) checked against the type of the parameter's default
+    (``default_source``, the notebook's own text); returns the value to inject.
+
+    A string default takes the raw text even when it reads as another literal (``-p tag 2024`` gives ``"2024"``).
+    A default that is not a literal (an expression) is not checked. Raises :class:`UsageError` naming the
+    parameter, the value, and the expected type with the default as an example.
+    """
+    ok, default = _literal(default_source)
+    if not ok:
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    if _compatible(value, default):
+        return value
+    expected = _KIND_WORDS.get(_kind(default), type(default).__name__)
+    if _kind(default) == "list" and _kind(value) == "list":
+        expected = f"a list of {' or '.join(sorted({_KIND_PLURAL.get(_kind(d), '?') for d in default}))}"
+    if isinstance(value, str):
+        got = f"the string {text!r}"
+    else:
+        got = f"{_KIND_WORDS.get(_kind(value), type(value).__name__)} {value!r}"
+    if len(default_source) > 60:
+        default_source = default_source[:57] + "..."
+    hint = " (not a Python/JSON literal; quote strings inside lists, e.g. '[\"a\", \"b\"]')" if (
+        isinstance(value, str) and _kind(default) in ("list", "dict")) else ""
+    raise UsageError(f"-p {key}: expected {expected} like {notebook}'s default {default_source}, got {got}{hint}")
+
+
 def parse_params(pairs: Sequence[Sequence[str]], notebooks: Sequence[Path]) -> dict[str, Any]:
-    """Check every ``-p KEY VALUE`` against each selected notebook's parameters cell."""
+    """Check every ``-p KEY VALUE`` against each selected notebook's parameters cell: the name must be declared,
+    and the value must have the type of the declared default (:func:`check_value`), before any kernel starts."""
     params: dict[str, Any] = {}
     declared = {p.stem: notebook_parameters(p) for p in notebooks}
     for name, names in declared.items():
@@ -112,11 +187,33 @@ def parse_params(pairs: Sequence[Sequence[str]], notebooks: Sequence[Path]) -> d
     for key, value in pairs:
         if key == "profile":
             raise UsageError("set the profile with --profile, not -p profile")
+        if key == SMOKE_NAME:
+            raise UsageError(f"{SMOKE_NAME} is not a knob: pass each value with -p KEY VALUE")
         missing = [name for name, names in declared.items() if key not in names]
         if missing:
             raise UsageError(f"unknown parameter {key!r} for notebook(s) {', '.join(missing)}")
-        params[key] = parse_value(value)
+        parsed = parse_value(value)
+        for name, names in declared.items():
+            parsed = check_value(key, value, parsed, names[key]["default"], name)
+        params[key] = parsed
     return params
+
+
+def describe_parameters(path: Path) -> list[str]:
+    """``--list``'s lines for one notebook: each knob's default (the full profile), its smoke value when the smoke
+    profile changes it, and its comment; ``profile`` and ``smoke_overrides`` are not knobs and are left out."""
+    smoke = smoke_overrides(path)
+    lines = [path.stem]
+    for key, info in notebook_parameters(path).items():
+        if key in _NOT_KNOBS:
+            continue
+        line = f"  {key} = {info['default']}"
+        if key in smoke:
+            line += f"  (smoke: {smoke[key]!r})"
+        if info.get("help"):
+            line += f"  # {info['help']}"
+        lines.append(line)
+    return lines
 
 
 SMOKE_NAME = "smoke_overrides"
@@ -191,14 +288,79 @@ def first_error(executed: Path) -> tuple[int | None, str | None]:
     return None, None
 
 
-def render_html(executed: Path, target: Path) -> None:
-    """Render an executed notebook to a standalone HTML report (images embedded)."""
+# Cells tagged so show their outputs but not their code in report.html (e.g. a verdict cell whose rules live in a
+# tested helper: the verdicts are what the reader needs, the call is in the notebook).
+HIDE_INPUT_TAG = "hide-input"
+
+
+def machine_paths(out: Path | None = None) -> list[tuple[str, str]]:
+    """``(absolute prefix, what a report shows instead)`` pairs, longest first: the output folder, the repository,
+    the home directory. A committed report must not carry the path of the machine that ran it."""
+    pairs = [(str(REPO_ROOT), "."), (str(Path.home()), "~")]
+    if out is not None:
+        pairs.append((str(Path(out).resolve()), "<out>"))
+    return sorted({(a, b) for a, b in pairs if len(a) > 1}, key=lambda ab: -len(ab[0]))
+
+
+def scrub_paths(text: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """``text`` with every absolute prefix of ``pairs`` replaced (``/work/main/results/x.png`` -> ``./results/x.png``)."""
+    for prefix, short in pairs:
+        text = re.sub(re.escape(prefix) + r"(?![\w.-])", lambda _: short, text)  # "/root" but not "/rootfs"
+    return text
+
+
+def _scrub_outputs(nb: Any, pairs: Sequence[tuple[str, str]]) -> None:
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = scrub_paths(out["text"], pairs)
+            if "traceback" in out:
+                out["traceback"] = [scrub_paths(t, pairs) for t in out["traceback"]]
+            if "evalue" in out:
+                out["evalue"] = scrub_paths(out["evalue"], pairs)
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/") and isinstance(value, str):
+                    out["data"][mime] = scrub_paths(value, pairs)
+
+
+def verdict_cell_source(metrics: dict[str, Any]) -> str | None:
+    """The Markdown block that opens report.html: the run's verdicts (from ``metrics.json``), or None if none."""
+    verdicts = metrics.get("verdicts") or []
+    if not verdicts:
+        return None
+    lines = [f"- **{v['verdict']}**: {v['claim']} - {v['reason']}" for v in verdicts]
+    profile = metrics.get("profile", "?")
+    note = (" Smoke profile: tiny budgets, so these verdicts only check that the notebook runs end to end, not the "
+            "claims." if profile == "smoke" else "")
+    return (f"**Verdicts of this run** (profile {profile}; the `## Result` section at the end gives the numbers "
+            f"and the reasoning).{note}\n\n" + "\n".join(lines))
+
+
+def render_html(executed: Path, target: Path, *, out: Path | None = None) -> None:
+    """Render an executed notebook to a standalone HTML report (images embedded).
+
+    The report opens with the run's verdicts (from ``metrics.json`` beside ``target``, when the run wrote one), hides
+    the code of cells tagged ``hide-input``, and carries no absolute path of this machine (:func:`machine_paths`).
+    """
     import nbformat
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
 
     nb = nbformat.read(str(executed), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    atomic_write_text(target, body)
+    _scrub_outputs(nb, machine_paths(out))
+    metrics_path = target.parent / "metrics.json"
+    if metrics_path.exists():
+        try:
+            source = verdict_cell_source(json.loads(metrics_path.read_text()))
+        except ValueError:
+            source = None
+        if source:
+            at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0  # after the title
+            nb.cells.insert(at, nbformat.v4.new_markdown_cell(source, metadata={"tags": ["verdict-summary"]}))
+    exporter = HTMLExporter()
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={HIDE_INPUT_TAG}), enabled=True)
+    body, _ = exporter.from_notebook_node(nb)
+    atomic_write_text(target, body)  # (not scrubbed as a whole: embedded base64 images could match a prefix)
 
 
 def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path, threads: int) -> NotebookRun:
@@ -249,7 +411,7 @@ def run_notebook(path: Path, *, profile: str, params: dict[str, Any], out: Path,
             run.error = f"papermill exited {proc.returncode}: {tail[0] if tail else 'no output'}"
     if executed.exists():
         try:
-            render_html(executed, nb_out / "report.html")
+            render_html(executed, nb_out / "report.html", out=out)
         except Exception as exc:  # noqa: BLE001 - a broken render is reported, the run's outcome stands
             run.extra["render_error"] = f"{type(exc).__name__}: {exc}"
     record = {"notebook": name, "status": run.status, "profile": profile, "wall_time_s": round(run.wall_time_s, 1),
@@ -316,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.list:
         for p in chosen:
-            print(f"{p.stem}: {', '.join(notebook_parameters(p))}")
+            print("\n".join(describe_parameters(p)))
         return 0
 
     from helpers.core.report import build_gallery
@@ -337,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(run)
             print(run.describe(), flush=True)
     if not args.no_index:
-        index = build_gallery(out)
+        index = build_gallery(out, notebook_dir=args.notebook_dir)
         print(f"gallery: {index}", flush=True)
     failed = [r for r in runs if r.status != "ok"]
     print(f"{len(runs) - len(failed)} notebook(s) ok, {len(failed)} failed in {time.perf_counter() - t0:.0f} s",

@@ -51,3 +51,43 @@ def test_ok_run_without_metrics_counts_as_failed(tmp_path):
     d.mkdir()
     (d / "run.json").write_text(json.dumps({"status": "ok"}))
     assert report.collect(tmp_path)[0]["status"] == "failed"
+
+
+def _notebook(folder, name, params):
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(folder / f"{name}.ipynb"))
+
+
+def _run(out, name, profile, parameters):
+    d = out / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "notebook": name, "title": name, "profile": profile, "wall_time_s": 90.0, "parameters": parameters,
+        "verdicts": [{"claim": "c", "verdict": "reproduced", "reason": "r"}], "results": []}))
+
+
+def test_cards_show_the_parameters_changed_from_the_profiles_defaults(tmp_path):
+    nbs, out = tmp_path / "nbs", tmp_path / "out"
+    nbs.mkdir()
+    _notebook(nbs, "10_a", 'profile = "full"  # x\nn_seeds = 10  # x\nenvs = ["CartPole-v1"]  # x\nshape = (8, 8)  # x\n'
+                           'smoke_overrides = {"n_seeds": 2}  # x')
+    _run(out, "10_a", "full", {"n_seeds": 3, "envs": ["Acrobot-v1"], "shape": [8, 8]})
+    index = report.build_gallery(out, notebook_dir=nbs).read_text()
+    assert "changed from the defaults: n_seeds = 3, envs = [&#x27;Acrobot-v1&#x27;]</div>" in index  # shape: same
+    assert 'class="smoke-banner"' not in index and "total wall time 2 min" in index
+    # a smoke run compares with the smoke values: n_seeds = 2 is its default, nothing to show
+    _run(out, "20_b", "smoke", {"n_seeds": 2})
+    _notebook(nbs, "20_b", 'profile = "full"  # x\nn_seeds = 10  # x\nsmoke_overrides = {"n_seeds": 2}  # x')
+    index = report.build_gallery(out, notebook_dir=nbs).read_text()
+    card = index[index.index('data-notebook="20_b"'):]
+    assert 'class="params"' not in card
+    assert 'class="smoke-banner"' in index and "only check that each notebook runs end to end" in index
+
+
+def test_a_run_of_an_unknown_notebook_shows_no_parameter_line(tmp_path):
+    _run(tmp_path, "30_gone", "full", {"n": 1})
+    assert report.changed_parameters({"notebook": "30_gone", "parameters": {"n": 1}}, tmp_path) == {}
+    assert 'class="params"' not in report.build_gallery(tmp_path, notebook_dir=tmp_path).read_text()

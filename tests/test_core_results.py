@@ -1,6 +1,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -103,3 +104,38 @@ def test_smoke_runs_never_default_to_the_committed_results(monkeypatch):
     assert results.results_root(profile="smoke") == results.REPO_ROOT / "results-smoke"
     monkeypatch.setenv(results.RESULTS_ENV, "/tmp/x")
     assert str(results.results_root(profile="smoke")) == "/tmp/x"
+
+
+def test_interactive_runs_write_outside_the_committed_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(results.RESULTS_ENV, raising=False)
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
+    res = results.Results("99_lab", title="t", profile="full")  # no runner, no out_dir: a JupyterLab run
+    assert res.dir == results.REPO_ROOT / results.INTERACTIVE_DIR / "99_lab"
+    assert "interactive run: results go to results-interactive/99_lab/" in capsys.readouterr().out
+    gitignore = (Path(__file__).resolve().parent.parent / ".gitignore").read_text().splitlines()
+    assert f"/{results.INTERACTIVE_DIR}/" in gitignore
+
+
+def test_saved_paths_display_without_the_machine_path(tmp_path):
+    from IPython.lib.pretty import pretty
+
+    res = results.Results("99_demo", title="t", profile="full", out_dir=tmp_path)
+    fig = plt.figure()
+    saved = res.save_figure(fig, "curve")
+    plt.close(fig)
+    assert saved == tmp_path / "99_demo" / "curve.png" and saved.exists()  # still an ordinary Path
+    assert pretty(saved) == "saved 99_demo/curve.png" and str(tmp_path) not in pretty(saved)
+    assert pretty(res.save_table(pd.DataFrame({"a": [1]}), "t")) == "saved 99_demo/t.csv"
+    res.add_verdict("c", "partly", "r")
+    assert pretty(res.finalize()) == "saved 99_demo/metrics.json"
+
+
+def test_result_table_displays_long_text_in_full(tmp_path):
+    res = results.Results("99_demo", title="t", profile="full", out_dir=tmp_path)
+    long_q, long_note = "q" * 120, "a note " * 30
+    res.add_result(long_q, 1.5, "2", long_note)
+    table = res.result_table()
+    assert isinstance(table, pd.DataFrame) and list(table.columns) == ["quantity", "measured", "paper", "note"]
+    assert long_q in table._repr_html_() and long_note.strip() in table._repr_html_()
+    assert long_q in repr(table)
+    assert pd.get_option("display.max_colwidth") == 50  # no global option was changed

@@ -86,3 +86,64 @@ def test_study_is_seeded_and_shaped():
     for p in ("gaussian", "fp8"):
         assert t1[(p, "token_tis")] == t1[(p, "seq_tis")] == t1[(p, "geo_tis")]
         assert t1[(p, "token_mis")] == t1[(p, "seq_mis")]
+
+
+def _toy_batch(n=64, T=5, seed=0, scale=0.6):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(4, 3, generator=g)
+    pi = mt.log_policy(theta)
+    mu = mt.log_policy(mt.perturb_logits(theta, "gaussian", scale, g))
+    x = mt.sample_sequences(mu, n, T, g)
+    prev, cur = x[:, :-1], x[:, 1:]
+    adv = torch.randn(n, generator=g)
+    return pi[prev, cur], mu[prev, cur], torch.ones(n, T), adv
+
+
+def test_bypass_ppo_clip_coefficients_are_a_rho_where_unclipped():
+    lt, lr, m, adv = _toy_batch()
+    c = mt.estimator_coefficients(mt.ESTIMATORS["bypass_ppo_clip"], lt, lr, m, adv)
+    rho = (lt - lr).exp()
+    a = adv[:, None].expand_as(rho)
+    clipped = ((a > 0) & (rho > 1.2)) | ((a < 0) & (rho < 0.8))  # veRL's default clip 0.2, old := rollout
+    assert bool(clipped.any()) and bool((~clipped).any())
+    torch.testing.assert_close(c, torch.where(clipped, torch.zeros_like(rho), a * rho))
+
+
+def test_bypass_reinforce_equals_decoupled_sequence_tis_at_the_current_policy():
+    lt, lr, m, adv = _toy_batch(seed=1)
+    c_bypass = mt.estimator_coefficients(mt.ESTIMATORS["bypass_pg_is"], lt, lr, m, adv)
+    c_seq = mt.estimator_coefficients(mt.ESTIMATORS["seq_tis"], lt, lr, m, adv)
+    torch.testing.assert_close(c_bypass, c_seq)
+
+
+def test_batch_normalised_coefficients_are_normalised_per_batch():
+    lt, lr, m, adv = _toy_batch(n=40, seed=2)
+    c = mt.estimator_coefficients(mt.ESTIMATORS["token_tis_bn"], lt, lr, m, adv, batch_size=16)
+    w = (lt - lr).exp().clamp(max=2.0)
+    for sl in (slice(0, 16), slice(16, 32), slice(32, 40)):  # the last batch is partial
+        torch.testing.assert_close(c[sl], w[sl] / w[sl].mean() * adv[sl, None])
+
+
+def test_geo_and_k3_rejection_coefficients():
+    lt, lr, m, adv = _toy_batch(seed=3, scale=0.2)
+    lrat = lt - lr
+    keep_k3 = ((lrat.exp() - 1 - lrat).mean(-1) <= 0.01).float()[:, None]
+    assert 0 < float(keep_k3.mean()) < 1  # the case rejects some sequences and keeps others
+    got_k3 = mt.estimator_coefficients(mt.ESTIMATORS["k3_rs"], lt, lr, m, adv)
+    torch.testing.assert_close(got_k3, (keep_k3 * adv[:, None]).expand_as(got_k3))
+    k1 = (-lrat).mean(-1)  # veRL's seq_mean_k1 statistic, kept in [log 0.999, log 1.001]
+    keep_geo = (k1 >= math.log(0.999)) & (k1 <= math.log(1.001))
+    got = mt.estimator_coefficients(mt.ESTIMATORS["geo_rs"], lt, lr, m, adv)
+    assert torch.equal(got != 0, keep_geo[:, None].expand_as(got) & (adv[:, None] != 0))
+
+
+def test_study_cosines():
+    theta = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    reward = torch.tensor([1.0, 0.0, 0.5])
+    df = mt.estimator_study(theta, reward, lengths=[2], perturbations=[("gaussian", 0.1)], n_samples=4096, seed=1,
+                            batch_size=256)
+    assert df["cos_mean"].between(-1, 1).all() and df["cos_batch"].between(-1, 1).all()
+    d = df.set_index("estimator")
+    # unbiased, with 4096 samples the mean estimate points along the exact gradient
+    assert d.loc["seq_is", "cos_mean"] > 0.95
+    assert d.loc["seq_is", "cos_batch"] < d.loc["seq_is", "cos_mean"]  # one batch of 256 is noisier than 4096

@@ -1,4 +1,4 @@
-"""The GPU benchmark's code on the CPU (helpers/gpu_bench.py, helpers/fp8/bench.py): tiny shapes, the Triton kernels
+"""The GPU benchmark's code on the CPU (helpers/gpu_bench/, helpers/fp8/bench.py): tiny shapes, the Triton kernels
 under the interpreter, a host timer in place of ``do_bench``, so the benchmark cannot rot between GPU runs.
 
 Structure and units only: no timing is asserted.
@@ -16,9 +16,12 @@ import torch
 from helpers import gpu_bench
 from helpers.core import runtime
 from helpers.fp8.bench import GEMM_METHODS, requant_benchmark, wall_clock_bench
+from helpers.roofline import ModelShape
 
 needs_no_gpu = pytest.mark.skipif(runtime.has_cuda(), reason="checks the behaviour without a CUDA device")
 TINY = {"tiny_a (48x160)": (48, 160), "tiny_b (130x64)": (130, 64)}
+TINY_LAYER = ModelShape(name="tiny", n_layers=1, hidden=256, n_heads=2, n_kv_heads=1, head_dim=128,
+                        intermediate=384, vocab=1)
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +38,10 @@ def _quiet_interpreter_warning():
 def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
     record = gpu_bench.run_benchmarks(tmp_path, device="cpu", bench=wall_clock_bench, shapes=TINY, ms=(1, 7),
                                       requant_sizes_gb=(2e-5, 5e-5), requant_layer=(48, 160), contexts=(64,),
-                                      decode_batch=2, backend="triton")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.csv", "bench.json", "gemm.csv", "requant.csv"]
+                                      decode_batch=2, layer_batches=(1,), layer_contexts=(64,),
+                                      layer_shape=TINY_LAYER, backend="triton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.csv", "bench.json", "decode_layer.csv",
+                                                          "gemm.csv", "requant.csv"]
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(record, default=str))
     env = record["environment"]
     assert env["gpu"] is None and env["triton_mode"] == "interpreter" and env["versions"]["torch"]
@@ -77,6 +82,13 @@ def test_run_benchmarks_on_cpu_under_the_interpreter(tmp_path):
     assert m["gpu_bench/requant_over_copy"] == pytest.approx(requant["ratio"].iloc[-1])
     assert m["gpu_bench/attention_fp8_over_bf16_longest"] == pytest.approx(attention["ratio_vs_hp"].iloc[1])
 
+    layer = pd.read_csv(tmp_path / "decode_layer.csv")
+    assert list(layer["mode"]) == ["bf16", "w8a8", "w8a8_kv8"] and (layer["ms"] > 0).all()
+    assert layer["roofline_ms"].isna().all()  # no datasheet for a CPU: no roofline figure, not a zero
+    assert record["params"]["layer_shape"] == "tiny" and record["params"]["roofline_gpu"] is None
+    assert m["gpu_bench/decode_layer_w8a8_speedup_small_b1_c64"] == pytest.approx(layer["speedup_vs_bf16"].iloc[1])
+    assert not any("fraction_of_roofline" in k for k in m)
+
 
 def test_requant_benchmark_takes_a_timer():
     calls = []
@@ -100,6 +112,7 @@ def test_requant_benchmark_takes_a_timer():
     ({"requant_sizes_gb": (-1.0,)}, "requant_sizes_gb"),
     ({"contexts": ()}, "contexts"),
     ({"decode_batch": 0}, "decode_batch must be >= 1"),
+    ({"layer_contexts": ()}, "layer_contexts must be a non-empty"),
 ])
 def test_run_benchmarks_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -99,8 +99,7 @@ def test_save_and_load_reject_bad_inputs(tmp_path):
 def test_kv_scales_round_trip_under_the_engine_names(tmp_path, granularity):
     from safetensors import safe_open
 
-    from helpers.fp8.checkpoint import load_kv_scales
-    from helpers.kvcache import Fp8KVCache, calibrate_kv_scales
+    from helpers.kvcache import Fp8KVCache, calibrate_kv_scales, load_kv_scales
     from helpers.models import Decoder, DecoderConfig
 
     torch.manual_seed(0)
@@ -119,6 +118,7 @@ def test_kv_scales_round_trip_under_the_engine_names(tmp_path, granularity):
                 assert torch.equal(t, getattr(scales, name)[i])
     back = load_kv_scales(out)
     assert torch.equal(back.q, scales.q) and torch.equal(back.k, scales.k) and torch.equal(back.v, scales.v)
+    assert back == scales and back.equal(scales)
     torch.manual_seed(1)
     loaded = load_fp8_checkpoint(out, Decoder(cfg).eval())  # the scales are skipped by the module load
     ids = torch.randint(0, 40, (2, 6))
@@ -128,3 +128,29 @@ def test_kv_scales_round_trip_under_the_engine_names(tmp_path, granularity):
     assert load_kv_scales(save_fp8_checkpoint(fp8, tmp_path / "plain")) is None
     hf = save_fp8_checkpoint(fp8, tmp_path / "hf", kv_scales=scales, kv_scale_prefix="model.layers.{i}.self_attn.")
     assert torch.equal(load_kv_scales(hf, kv_scale_prefix="model.layers.{i}.self_attn.").k, scales.k)
+
+
+def test_kv_scales_are_checked_against_the_model(tmp_path):
+    from helpers.kvcache import KVScales, load_kv_scales
+    from helpers.models import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_model=32, d_ff=64,
+                        max_seq_len=32)
+    fp8 = quantize_model(Decoder(cfg).eval(), backend="torch")
+    three_layers = KVScales.unit(3)
+    with pytest.raises(ValueError, match="kv_scales.q covers 3 layers, the model has 2 attention layers"):
+        save_fp8_checkpoint(fp8, tmp_path / "a", kv_scales=three_layers)
+    wrong_heads = KVScales(torch.ones(2, 4), torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="kv_scales.k has 3 per-head scales, the model has 2 KV heads"):
+        save_fp8_checkpoint(fp8, tmp_path / "b", kv_scales=wrong_heads)
+    with pytest.raises(ValueError, match="kv_scales must be a helpers.kvcache.KVScales"):
+        save_fp8_checkpoint(fp8, tmp_path / "c", kv_scales=[1.0, 1.0])
+    assert not (tmp_path / "a").exists()  # nothing written on a refused call
+    # Plain tensors in a mapping are accepted and read back as the same KVScales.
+    plain = {"q": torch.full((2, 4), 0.5), "k": torch.full((2, 2), 0.25), "v": torch.full((2, 2), 0.125)}
+    out = save_fp8_checkpoint(fp8, tmp_path / "d", kv_scales=plain)
+    assert load_kv_scales(out) == KVScales(plain["q"], plain["k"], plain["v"])
+    # A model that carries no layer / head counts cannot be checked: refused, with the reason.
+    lin = quantize_model(nn.Sequential(nn.Linear(256, 256)), backend="torch")
+    with pytest.raises(ValueError, match="cannot check kv_scales against Sequential"):
+        save_fp8_checkpoint(lin, tmp_path / "e", kv_scales=plain)

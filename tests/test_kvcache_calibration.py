@@ -123,3 +123,52 @@ def test_bad_inputs():
         calibrate_kv_scales(_model(), [])
     with pytest.raises(ValueError, match="policy must be one of"):
         calibrate_kv_scales(_model(), _batches(1), policy="dynamic")
+
+
+def test_batches_are_checked_with_errors_that_name_the_argument():
+    model = _model()
+    ids = torch.randint(0, 31, (2, 6))
+    with pytest.raises(ValueError, match="batches must be an iterable of batches.*got a tensor"):
+        calibrate_kv_scales(model, ids)
+    with pytest.raises(ValueError, match=r"batches\[1\] has token ids in \[31, 31\].*\[0, 31\)"):
+        calibrate_kv_scales(model, [ids, torch.full((2, 6), 31)])
+    with pytest.raises(ValueError, match=r"batches\[0\] has token ids in \[-1"):
+        calibrate_kv_scales(model, [ids - 1])
+    with pytest.raises(ValueError, match=r"batches\[0\] is all padding"):
+        calibrate_kv_scales(model, [(ids, torch.zeros(2, 6, dtype=torch.bool))])
+    with pytest.raises(ValueError, match=r"batches\[0\] mask must be bool or a 0/1 float mask"):
+        calibrate_kv_scales(model, [(ids, torch.full((2, 6), 0.5))])
+    with pytest.raises(ValueError, match=r"batches\[0\] mask must have the ids' shape"):
+        calibrate_kv_scales(model, [(ids, torch.ones(2, 5, dtype=torch.bool))])
+
+
+def test_float_01_masks_of_helpers_rl_equal_bool_masks():
+    model = _model()
+    ids = torch.randint(0, 31, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, :2] = False  # left padding
+    mask[2, 5:] = False  # after EOS
+    a = calibrate_kv_scales(model, [(ids, mask)], granularity="head")
+    b = calibrate_kv_scales(model, [(ids, mask.float())], granularity="head")
+    assert a == b  # bit for bit
+
+
+def test_kvcache_never_imports_models_and_fp8_never_imports_kvcache():
+    """The arrows run models -> kvcache -> fp8 (no import circle, deferred imports included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(helpers.__file__).parent
+
+    def imported(pkg):
+        out = set()
+        for f in (root / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    out.add(node.module)
+                elif isinstance(node, ast.Import):
+                    out |= {a.name for a in node.names}
+        return out
+
+    assert not [m for m in imported("kvcache") if m.startswith("helpers.models")]
+    assert not [m for m in imported("fp8") if m.startswith(("helpers.kvcache", "helpers.models"))]

@@ -116,3 +116,14 @@ def test_kv_scales_state_dict_names_and_round_trip():
         KVScales.from_state_dict(sd)
     with pytest.raises(ValueError, match="no layers.0.self_attn.k_scale"):
         KVScales.from_state_dict({})
+
+
+def test_kv_scales_compare_with_eq_and_equal():
+    a = KVScales(torch.ones(2), torch.full((2,), 0.5), torch.full((2,), 0.25))
+    b = KVScales(torch.ones(2), torch.full((2,), 0.5), torch.full((2,), 0.25))
+    c = KVScales(torch.ones(2), torch.full((2,), 0.5), torch.tensor([0.25, 0.3]))
+    head = KVScales(torch.ones(2, 4), torch.ones(2, 2), torch.ones(2, 2))
+    assert a == b and a.equal(b) and not (a != b)
+    assert a != c and not a.equal(c)
+    assert a != head and not a.equal(head)  # different shapes: False, no broadcasting error
+    assert a != "scales" and not a.equal(None)

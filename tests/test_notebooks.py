@@ -45,6 +45,15 @@ def test_parameters_cell_and_structure(path):
     assert ".finalize()" in sources and "Results(" in sources, "writes metrics.json through helpers.core.results"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_smoke_overrides_name_declared_knobs_of_the_defaults_type(path):
+    # the runner injects these without the -p check: a typo or a value of another type would reach the kernel
+    declared = run.notebook_parameters(path)
+    for key, value in run.smoke_overrides(path).items():
+        assert key in declared and key not in ("profile", "smoke_overrides"), f"{path.name}: smoke_overrides[{key!r}]"
+        run.check_value(key, repr(value), value, declared[key]["default"], path.stem)  # UsageError if not
+
+
 @pytest.mark.notebooks
 def test_every_notebook_runs_on_smoke(smoke_run):
     out, proc = smoke_run

@@ -15,7 +15,7 @@ SHAPES = [(1, 1), (3, 7), (5, 83), (4, 2)]
 def _inputs(B, T, seed, all_masked_row=False):
     g = torch.Generator().manual_seed(seed)
     logp_old = -torch.rand(B, T, generator=g) * 3
-    logp = logp_old + 0.4 * torch.randn(B, T, generator=g)
+    logp = (logp_old + 0.4 * torch.randn(B, T, generator=g)).clamp(max=0.0)  # log-probs are <= 0
     adv = torch.randn(B, T, generator=g) * 2
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
@@ -60,7 +60,7 @@ def _direct_agg(lm, mask, mode):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_clipped_surrogate_matches_direct(B, T, lo, hi, c, weighted):
     logp, logp_old, adv, mask = _inputs(B, T, seed=B * 100 + T)
-    w = rc.is_weights(logp_old, logp_old + 0.3, mask) if weighted else None
+    w = rc.is_weights(logp_old, (logp_old + 0.3).clamp(max=0.0), mask) if weighted else None
     lp = logp.clone().requires_grad_(True)
     lm, met = losses.clipped_surrogate(lp, logp_old, adv, mask, clip_low=lo, clip_high=hi, clip_c=c,
                                        rollout_weights=w)

@@ -14,7 +14,7 @@ def _inputs(B: int, T: int, seed: int, scale: float = 0.5, pad: bool = True):
     check it is never read."""
     g = torch.Generator().manual_seed(seed)
     lt = -torch.rand(B, T, generator=g) * 3
-    lr = lt + scale * torch.randn(B, T, generator=g)
+    lr = (lt + scale * torch.randn(B, T, generator=g)).clamp(max=0.0)  # log-probs are <= 0
     mask = torch.ones(B, T)
     if pad:
         lengths = torch.randint(1, T + 1, (B,), generator=g)
@@ -128,8 +128,14 @@ def test_mismatch_metrics_match_direct(B, T):
         "is_weight_max": float(w.max()),
         "fraction_truncated": float((r > 1.5).double().mean()),
         "ess": float(w.mean() ** 2 / (w * w).mean()),
+        "gen_kl_error": float((r - 1 - d).mean()),  # NeMo-RL: k3 with log_ratio = logp_train - logp_gen
+        "policy_kl_error": float((1 / r - 1 + d).mean()),  # NeMo-RL: roles swapped
+        "training_log_ppl": -sum(float(x) for x in seq_lt) / B,
+        "rollout_log_ppl": -sum(float(x) for x in seq_lr) / B,
+        "log_ppl_diff": sum(float(a - b) for a, b in zip(seq_lr, seq_lt)) / B,
+        "chi2_seq": sum(math.exp(2 * float((lt[b] - lr[b])[mask[b] > 0].double().sum())) for b in range(B)) / B - 1,
     }
-    assert set(ref) <= set(got)
+    assert set(got) == set(rc.MISMATCH_KEYS) and set(ref) == set(got)
     for k, v in ref.items():
         # fp32 accumulation vs float64 reference
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
@@ -176,7 +182,7 @@ def _direct_policy_loss(logp, logp_old, adv, mask, w, clip):
 def test_policy_loss_matches_direct(B, T, with_weights):
     g = torch.Generator().manual_seed(B * T)
     logp_old, lr, mask = _inputs(B, T, seed=B * T + 1)
-    logp = torch.where(mask > 0, logp_old + 0.4 * torch.randn(B, T, generator=g), logp_old)
+    logp = torch.where(mask > 0, (logp_old + 0.4 * torch.randn(B, T, generator=g)).clamp(max=0.0), logp_old)
     adv = torch.randn(B, T, generator=g)
     w = rc.is_weights(logp_old, lr, mask) if with_weights else None
     got = rc.policy_loss(logp.requires_grad_(True), logp_old, adv, mask, rollout_weights=w, clip=0.2)
@@ -271,6 +277,29 @@ def test_all_padding_is_harmless():
     m = torch.zeros(2, 3)
     assert torch.equal(rc.is_weights(lt, lt, m, level="sequence"), torch.zeros(2, 3))
     assert torch.equal(rc.rejection_mask(lt, lt, m, level="geometric"), torch.zeros(2, 3))
-    got = rc.mismatch_metrics(lt, lt, m)
-    assert got["kl"] == 0 and math.isnan(got["ess"])
+    got = rc.mismatch_metrics(lt, lt, m)  # nothing to measure: NaN everywhere, never kl 0 beside chi2 -1
+    assert set(got) == set(rc.MISMATCH_KEYS) and all(math.isnan(v) for v in got.values())
     assert rc.rejection_metrics(m, m) == {"rejected_fraction_token": 0.0, "rejected_fraction_sequence": 0.0}
+
+
+def test_bool_mask_and_positive_logps_and_devices():
+    lt, lr, m = _inputs(3, 5, seed=4, pad=False)
+    torch.testing.assert_close(rc.is_weights(lt, lr, m.bool()), rc.is_weights(lt, lr, m))  # bool masks work
+    with pytest.raises(ValueError, match=r"logp_rollout must hold log-probabilities.*probabilities passed"):
+        rc.is_weights(lt, lr.exp(), m)  # probabilities by mistake
+    pos = lt.clone()
+    pos[0, 0] = 1e-6  # fp32 rounding just above 0 is tolerated
+    rc.is_weights(pos, lr, m)
+    with pytest.raises(ValueError, match="floating-point"):
+        rc.mismatch_metrics(lt.long(), lr, m)
+    meta = torch.zeros(3, 5, device="meta")
+    with pytest.raises(ValueError, match=r"logp_rollout is on meta.*logp_train is on cpu"):
+        rc.is_weights(lt, meta, m)
+    with pytest.raises(ValueError, match=r"mask is on meta"):
+        rc.mismatch_metrics(lt, lr, meta)
+
+
+def test_empty_batch_metrics_are_nan():
+    e = torch.zeros(0, 4)
+    got = rc.mismatch_metrics(e, e, e)
+    assert all(math.isnan(v) for v in got.values())

@@ -13,12 +13,16 @@ if matplotlib.get_backend().lower() in ("", "agg", "tkagg", "qtagg"):
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["PALETTE", "use_style", "subplots", "band"]
+__all__ = ["PALETTE", "LINESTYLES", "use_style", "subplots", "band", "plain_log_ticks", "plain_number"]
 
 # Colour-blind safe (Okabe-Ito's eight, then brown and grey for figures with more methods); methods keep the same
 # colour across figures of a notebook, and no two methods of a figure share one.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000", "#8C564B",
            "#7F7F7F"]
+
+# For lines that may lie on top of each other (two estimators that agree): a distinct dash per method keeps the one
+# underneath visible.
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 
 _STYLE = {
     "figure.figsize": (7.0, 4.0),
@@ -54,3 +58,28 @@ def band(ax: Any, x: Sequence[float], runs: np.ndarray, *, label: str, color: st
     lo, hi = np.nanpercentile(runs, q, axis=0)
     (line,) = ax.plot(x, med, label=label, color=color)
     ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color(), linewidth=0)
+
+
+def plain_number(value: float, _pos: object = None) -> str:
+    """A tick label without scientific notation where it reads better: ``1,000``, ``0.25``, ``3e-05``."""
+    if value == 0 or not np.isfinite(value):
+        return f"{value:g}"
+    if float(value).is_integer() and abs(value) < 1e9:
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+def plain_log_ticks(ax: Any, axis: str = "both") -> None:
+    """Label the log-scaled ``axis`` (``"x"``, ``"y"`` or ``"both"``) of ``ax`` with plain numbers at the major ticks
+    (``100``, ``1,000``) and no minor labels, instead of matplotlib's ``6x10^1``-style labels. Call after
+    plotting (once the scale is set); a linear axis is left as it is."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    if axis not in ("x", "y", "both"):
+        raise ValueError(f"axis must be 'x', 'y' or 'both', got {axis!r}")
+    for name in ("x", "y") if axis == "both" else (axis,):
+        target = ax.xaxis if name == "x" else ax.yaxis
+        if target.get_scale() != "log":
+            continue
+        target.set_major_formatter(FuncFormatter(plain_number))
+        target.set_minor_formatter(NullFormatter())

@@ -1,8 +1,10 @@
 """The results gallery: ``index.html`` (one card per notebook) and ``summary.csv``, built from the files alone.
 
-A card shows the notebook's title, run status, profile, wall time, commit and device, its headline figure, its
-measured-vs-paper table and links to the full HTML report and ``metrics.json``. Notebooks whose last run failed
-(``run.json`` says so) get a red card with the failing cell and error instead of stale numbers.
+A card shows the notebook's title, run status, profile, wall time, commit and device, the parameters the run
+changed from the notebook's defaults (those of its profile), its verdicts, headline figure, measured-vs-paper table
+and links to the full HTML report and ``metrics.json``. Notebooks whose last run failed (``run.json`` says so) get a
+red card with the failing cell and error instead of stale numbers. The header gives the total wall time; a gallery
+holding smoke-profile runs carries a banner saying that their verdicts only check the plumbing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 import pandas as pd
 
+from helpers.core.notebook import SMOKE_NAME, same_value, notebook_defaults
 from helpers.core.results import atomic_write_text
+from helpers.core.runtime import REPO_ROOT
 
 __all__ = ["collect", "build_gallery", "SUMMARY_COLUMNS"]
 
@@ -38,6 +42,8 @@ th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eceef2;vertical-a
 margin-right:6px;text-align:center}.v-reproduced{background:#d4f3df;color:#17693a}
 .v-partly{background:#fff1c7;color:#7a5a00}.v-not-reproduced{background:#fbd9d5;color:#8e2418}
 .v-not-testable-here{background:#e6e8ee;color:#4a5163}.v-inconclusive{background:#e3ecfa;color:#27477a}.reason{color:#5a6275}
+.params{font-size:12px;color:#4a5163;margin:0 0 8px;font-family:monospace}
+.smoke-banner{background:#fff1c7;color:#5c4400;padding:10px 32px;font-size:14px;border-bottom:1px solid #e8d48a}
 .links a{margin-right:14px;font-size:13px}.error{font-family:monospace;font-size:12px;color:#8e2418;white-space:pre-wrap}
 """
 
@@ -65,13 +71,30 @@ def collect(out: Path) -> list[dict[str, Any]]:
     return records
 
 
+def changed_parameters(metrics: dict[str, Any], notebook_dir: str | Path | None = None) -> dict[str, Any]:
+    """The parameters of a run (``metrics["parameters"]``) whose value differs from the notebook's default for the
+    run's profile (the parameters cell, with ``smoke_overrides`` applied for a smoke run). ``{}`` when the notebook
+    cannot be found (a run of a notebook that is no longer in ``notebook_dir``, default ``notebooks/``)."""
+    name, params = metrics.get("notebook"), metrics.get("parameters") or {}
+    if not name or not params:
+        return {}
+    try:
+        defaults = notebook_defaults(name, notebook_dir if notebook_dir is not None else REPO_ROOT / "notebooks")
+    except (FileNotFoundError, ValueError, SyntaxError):
+        return {}
+    if metrics.get("profile") == "smoke":
+        defaults = {**defaults, **(defaults.get(SMOKE_NAME) or {})}
+    return {k: v for k, v in params.items()
+            if k in defaults and k not in ("profile", SMOKE_NAME) and not same_value(v, defaults[k])}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
-def _card(rec: dict[str, Any]) -> str:
+def _card(rec: dict[str, Any], notebook_dir: str | Path | None = None) -> str:
     m, run, name = rec["metrics"], rec["run"], rec["name"]
     esc = html.escape
     ok = rec["status"] == "ok"
@@ -89,6 +112,10 @@ def _card(rec: dict[str, Any]) -> str:
              f"<h2>{esc(m.get('title') or name)}</h2>",
              f'<div class="meta"><span class="badge {"ok" if ok else "bad"}">{"ok" if ok else "failed"}</span>'
              f"{esc(name)} &middot; {meta}</div>"]
+    changed = changed_parameters(m, notebook_dir) if ok else {}
+    if changed:
+        parts.append('<div class="params">changed from the defaults: '
+                     + esc(", ".join(f"{k} = {v!r}" for k, v in changed.items())) + "</div>")
     if not ok:
         cell = run.get("cell")
         parts.append(f'<div class="error">cell {cell if cell is not None else "?"}: '
@@ -101,7 +128,7 @@ def _card(rec: dict[str, Any]) -> str:
         items = "".join(
             f'<li><span class="verdict v-{esc(v["verdict"].replace(" ", "-"))}">{esc(v["verdict"])}</span> '
             f'{esc(v["claim"])} <span class="reason">- {esc(v["reason"])}</span></li>' for v in m["verdicts"])
-        parts.insert(3, f'<ul class="verdicts">{items}</ul>')
+        parts.insert(4 if changed else 3, f'<ul class="verdicts">{items}</ul>')
     if ok and m.get("results"):
         rows = "".join(
             f"<tr><td>{esc(_fmt(r.get('quantity')))}</td><td>{esc(_fmt(r.get('measured')))}</td>"
@@ -120,8 +147,15 @@ def _card(rec: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def build_gallery(out: str | Path) -> Path:
-    """Write ``<out>/index.html`` and ``<out>/summary.csv`` from every notebook folder in ``out``."""
+SMOKE_BANNER = ("Smoke profile: tiny budgets, so these verdicts only check that each notebook runs end to end (the "
+                "plumbing), not the papers' claims. The committed full-profile run is in results/.")
+
+
+def build_gallery(out: str | Path, *, notebook_dir: str | Path | None = None) -> Path:
+    """Write ``<out>/index.html`` and ``<out>/summary.csv`` from every notebook folder in ``out``.
+
+    ``notebook_dir`` (default ``notebooks/``) holds the notebooks whose defaults the cards compare parameters with.
+    """
     out = Path(out)
     records = collect(out)
     rows = []
@@ -137,14 +171,19 @@ def build_gallery(out: str | Path) -> Path:
                   "paper": r.get("paper"), "note": r.get("note")} for r in results]
     atomic_write_text(out / "summary.csv", pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(index=False))
     n_ok = sum(r["status"] == "ok" for r in records)
-    cards = "\n".join(_card(r) for r in records) or "<p>No notebook results yet: run <code>make reports</code>.</p>"
+    cards = ("\n".join(_card(r, notebook_dir) for r in records)
+             or "<p>No notebook results yet: run <code>make reports</code>.</p>")
+    walls = [r["metrics"].get("wall_time_s", r["run"].get("wall_time_s")) for r in records]
+    total_s = sum(w for w in walls if isinstance(w, (int, float)))
+    smoke = any(r["metrics"].get("profile", r["run"].get("profile")) == "smoke" for r in records)
+    banner = f'<div class="smoke-banner" role="note">{html.escape(SMOKE_BANNER)}</div>' if smoke else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>FP8-RL and M2DQN notebooks: results</title><style>{_CSS}</style></head>
 <body><header><h1>FP8-RL and M2DQN reproduction notebooks</h1>
-<p>{len(records)} notebook(s), {n_ok} ok. Each card: the verdict per claim (reproduced / partly / not reproduced / not testable
+<p>{len(records)} notebook(s), {n_ok} ok, total wall time {total_s / 60:.0f} min. Each card: the verdict per claim (reproduced / partly / not reproduced / not testable
 here), the notebook's headline figure, and its measured numbers beside the paper's. CPU figures come from CPU runs; GPU figures only from GPU runs (see each report's environment line).</p>
-</header><main>
+</header>{banner}<main>
 {cards}
 </main>
 <script>

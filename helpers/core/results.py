@@ -6,7 +6,12 @@ Every notebook creates one :class:`Results`, saves figures and tables through it
 ``<results dir>/<notebook>/metrics.json``. The gallery (:mod:`helpers.report`) is built from those files alone.
 
 The results directory is, in order: the ``out_dir`` argument, the ``HELPERS_RESULTS_DIR`` environment variable
-(set by the batch runner), or ``results/`` at the repository root.
+(set by the batch runner, :mod:`helpers.run`), or ``results-interactive/`` at the repository root (git-ignored): a
+notebook run by hand in JupyterLab never overwrites the committed ``results/``. To write an interactive run
+elsewhere, set ``HELPERS_RESULTS_DIR`` before the notebook creates its :class:`Results` (or pass ``out_dir``).
+
+The paths the save methods return display (in a notebook cell's output) as ``saved <notebook>/<file>``, never as the
+machine's absolute path, so a committed report holds no path of the machine that ran it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import pandas as pd
 
 from helpers.core.runtime import REPO_ROOT, environment_info
 
-__all__ = ["RESULTS_ENV", "PROFILES", "Results", "results_root", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["RESULTS_ENV", "PROFILES", "INTERACTIVE_DIR", "Results", "ResultTable", "SavedPath", "results_root",
+           "atomic_write_bytes", "atomic_write_text"]
 
 RESULTS_ENV = "HELPERS_RESULTS_DIR"
+# Where a notebook run outside the batch runner (no HELPERS_RESULTS_DIR, no out_dir) writes: git-ignored.
+INTERACTIVE_DIR = "results-interactive"
 PROFILES = ("smoke", "full")
 # The verdict a notebook gives each claim it tests, in the words the reports use. "inconclusive": the interval covers
 # both no effect and the pre-registered target effect (the data neither show the effect nor rule it out).
@@ -48,6 +56,32 @@ def results_root(out_dir: str | os.PathLike | None = None, profile: str = "full"
     if env:
         return Path(env)
     return REPO_ROOT / ("results" if profile == "full" else "results-smoke")
+
+
+class SavedPath(type(Path())):  # type: ignore[misc]  (PosixPath or WindowsPath, whichever Path() is here)
+    """The path of a file a :class:`Results` wrote: an ordinary ``Path`` whose display in a notebook output is
+    ``saved <folder>/<file>``. A cell ending in ``res.save_figure(...)`` therefore shows no absolute path of the
+    machine in the executed notebook or its HTML report (``repr()`` and ``str()`` are unchanged)."""
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's text/plain display hook
+        printer.text(f"saved {self.parent.name}/{self.name}")
+
+
+class ResultTable(pd.DataFrame):
+    """The notebook's "measured vs paper" table: a DataFrame whose notebook display never truncates a cell
+    (pandas cuts text at ``display.max_colwidth`` = 50 characters, which hid the ``quantity`` and ``note``)."""
+
+    @property
+    def _constructor(self) -> type[pd.DataFrame]:
+        return ResultTable
+
+    def _repr_html_(self) -> str | None:
+        with pd.option_context("display.max_colwidth", None):
+            return super()._repr_html_()
+
+    def __repr__(self) -> str:
+        with pd.option_context("display.max_colwidth", None, "display.width", 250):
+            return super().__repr__()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -121,7 +155,13 @@ class Results:
         self.title = title
         self.profile = profile
         self.params = dict(params or {})
-        self.dir = results_root(out_dir, profile) / notebook
+        if out_dir is None and not os.environ.get(RESULTS_ENV):
+            root = REPO_ROOT / INTERACTIVE_DIR
+            print(f"interactive run: results go to {INTERACTIVE_DIR}/{notebook}/ (git-ignored); set {RESULTS_ENV} "
+                  "or pass out_dir= to write elsewhere")
+        else:
+            root = results_root(out_dir, profile)
+        self.dir = root / notebook
         self.dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
         self._started = datetime.now(timezone.utc)
@@ -133,23 +173,23 @@ class Results:
         self.headline_figure: str | None = None
 
     # -- outputs -------------------------------------------------------------------------------------------------
-    def save_figure(self, fig: Any, name: str, *, headline: bool = False) -> Path:
+    def save_figure(self, fig: Any, name: str, *, headline: bool = False) -> SavedPath:
         """Save a matplotlib figure as ``<name>.png``; ``headline=True`` makes it the gallery card's picture
         (the first saved figure is the default headline)."""
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
         fname = f"{name}.png"
-        path = atomic_write_bytes(self.dir / fname, buf.getvalue())
+        path = SavedPath(atomic_write_bytes(self.dir / fname, buf.getvalue()))
         if fname not in self.figures:
             self.figures.append(fname)
         if headline or self.headline_figure is None:
             self.headline_figure = fname
         return path
 
-    def save_table(self, df: pd.DataFrame, name: str) -> Path:
+    def save_table(self, df: pd.DataFrame, name: str) -> SavedPath:
         """Save a DataFrame as ``<name>.csv``."""
         fname = f"{name}.csv"
-        path = atomic_write_text(self.dir / fname, df.to_csv(index=False))
+        path = SavedPath(atomic_write_text(self.dir / fname, df.to_csv(index=False)))
         if fname not in self.tables:
             self.tables.append(fname)
         return path
@@ -180,12 +220,13 @@ class Results:
         """The verdicts as a Markdown list (``display(Markdown(res.verdict_markdown()))`` in the Result cell)."""
         return "\n".join(f"- **{v['verdict']}**: {v['claim']} - {v['reason']}" for v in self.verdicts)
 
-    def result_table(self) -> pd.DataFrame:
-        """The rows added with :meth:`add_result`, for display at the end of the notebook."""
-        return pd.DataFrame(self.results, columns=["quantity", "measured", "paper", "note"])
+    def result_table(self) -> ResultTable:
+        """The rows added with :meth:`add_result`, for display at the end of the notebook (a :class:`ResultTable`:
+        a DataFrame whose display does not truncate the ``quantity`` / ``note`` text)."""
+        return ResultTable(self.results, columns=["quantity", "measured", "paper", "note"])
 
     # -- provenance ----------------------------------------------------------------------------------------------
-    def finalize(self) -> Path:
+    def finalize(self) -> SavedPath:
         """Write ``metrics.json`` (and ``results.csv`` with the final table); returns the metrics path."""
         if not self.verdicts:
             raise ValueError(f"{self.notebook}: no verdict recorded; call add_verdict() for every claim before "
@@ -209,4 +250,4 @@ class Results:
             "tables": self.tables,
         }
         payload["git_commit"] = payload["environment"]["git_commit"]
-        return atomic_write_text(self.dir / "metrics.json", json.dumps(_jsonable(payload), indent=2) + "\n")
+        return SavedPath(atomic_write_text(self.dir / "metrics.json", json.dumps(_jsonable(payload), indent=2) + "\n"))

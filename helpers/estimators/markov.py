@@ -25,9 +25,11 @@ import torch
 from helpers.core.timing import single_thread
 from helpers.fp8.format import fake_quant
 from helpers.rl import rollout_correction as rc
+from helpers.rl.config import PRESETS, RolloutCorrection, apply_rollout_correction, bypass_policy_loss
 
 __all__ = [
     "ESTIMATORS",
+    "CLASSIC",
     "Estimator",
     "log_policy",
     "fp8_round",
@@ -38,21 +40,27 @@ __all__ = [
     "brute_force_objective",
     "sequence_rewards",
     "estimator_weights",
+    "estimator_coefficients",
     "per_sample_gradients",
     "estimator_study",
 ]
 
 @dataclass(frozen=True)
 class Estimator:
-    """One gradient estimator: ``kind`` "none" (w = 1), "is" (w = min(ratio, threshold) at ``level``) or "mis"
-    (w = ratio at ``level``, times the rejection mask keeping ratios in [1/threshold, threshold])."""
+    """One gradient estimator: ``kind`` "none" (w = 1), "is" (w = min(ratio, threshold) at ``level``), "mis"
+    (w = ratio at ``level``, times the rejection mask keeping ratios in [1/threshold, threshold]) or "corr" (the
+    veRL-style :class:`~helpers.rl.config.RolloutCorrection` ``cfg``: decoupled mode through
+    :func:`~helpers.rl.config.apply_rollout_correction`, bypass mode through the gradient of
+    :func:`~helpers.rl.config.bypass_policy_loss`)."""
 
     kind: str
     level: str = "token"
     threshold: float = 2.0
+    cfg: RolloutCorrection | None = None
 
 
-# The estimators of the study; C = 2 is FP8-RL's / veRL's default truncation and MIS bound.
+# The estimators of the study; C = 2 is FP8-RL's / veRL's default truncation and MIS bound. The "corr" ones are
+# veRL's presets at their published thresholds (plus batch-normalised TIS, veRL's rollout_is_batch_normalize).
 ESTIMATORS: dict[str, Estimator] = {
     "none": Estimator("none"),
     "token_tis": Estimator("is", "token", 2.0),
@@ -61,7 +69,18 @@ ESTIMATORS: dict[str, Estimator] = {
     "geo_tis": Estimator("is", "geometric", 2.0),
     "token_mis": Estimator("mis", "token", 2.0),
     "seq_mis": Estimator("mis", "sequence", 2.0),
+    "token_icepop": Estimator("corr", cfg=PRESETS["decoupled_token_icepop"]),
+    "token_tis_bn": Estimator("corr", cfg=RolloutCorrection(rollout_is="token", rollout_is_threshold=2.0,
+                                                            rollout_is_batch_normalize=True)),
+    "seq_tis_bn": Estimator("corr", cfg=RolloutCorrection(rollout_is="sequence", rollout_is_threshold=2.0,
+                                                          rollout_is_batch_normalize=True)),
+    "geo_rs": Estimator("corr", cfg=PRESETS["decoupled_geo_rs"]),
+    "k3_rs": Estimator("corr", cfg=PRESETS["decoupled_k3_rs"]),
+    "bypass_ppo_clip": Estimator("corr", cfg=PRESETS["bypass_ppo_clip"]),
+    "bypass_pg_is": Estimator("corr", cfg=PRESETS["bypass_pg_is"]),
 }
+# The estimators notebook 03 had before veRL's current set (kept as the "classic" group of its figures).
+CLASSIC = ("none", "token_tis", "seq_is", "seq_tis", "geo_tis", "token_mis", "seq_mis")
 
 
 def log_policy(theta: torch.Tensor) -> torch.Tensor:
@@ -154,7 +173,9 @@ def sequence_rewards(x: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
 
 def estimator_weights(est: Estimator, logp_train: torch.Tensor, logp_rollout: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-    """Per-token weights [n, T] of estimator ``est`` computed with :mod:`helpers.rl.rollout_correction`."""
+    """Per-token weights [n, T] of estimator ``est`` computed with :mod:`helpers.rl` (for "corr": IS weights times
+    the loss mask of :func:`~helpers.rl.config.apply_rollout_correction`, over the whole ``n`` as one batch; bypass
+    configs have no advantage-free weight: use :func:`estimator_coefficients`)."""
     if est.kind == "none":
         return mask.float().clone()
     if est.kind == "is":
@@ -162,7 +183,48 @@ def estimator_weights(est: Estimator, logp_train: torch.Tensor, logp_rollout: to
     if est.kind == "mis":
         w = rc.is_weights(logp_train, logp_rollout, mask, level=est.level, threshold=math.inf)
         return w * rc.rejection_mask(logp_train, logp_rollout, mask, level=est.level, upper=est.threshold)
-    raise ValueError(f"est.kind must be 'none', 'is' or 'mis', got {est.kind!r}")
+    if est.kind == "corr" and est.cfg is not None:
+        if est.cfg.bypass_mode:
+            raise ValueError(f"estimator_weights: a bypass-mode cfg has advantage-dependent weights (PPO clip), use "
+                             f"estimator_coefficients; got {est.cfg!r}")
+        w, loss_mask, _ = apply_rollout_correction(logp_train, logp_rollout, mask, est.cfg)
+        return loss_mask if w is None else w * loss_mask
+    raise ValueError(f"est.kind must be 'none', 'is', 'mis' or 'corr' (with cfg), got {est.kind!r}")
+
+
+def estimator_coefficients(est: Estimator, logp_train: torch.Tensor, logp_rollout: torch.Tensor,
+                           mask: torch.Tensor, adv: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+    """Per-token gradient coefficients ``c`` [n, T] of estimator ``est``: its estimate is
+    ``sum_t c_t grad log pi(x_t | x_{t-1})`` (the score), and ``c_t`` is the negative derivative of the method's
+    per-token loss with respect to ``logp_t``, evaluated where pi_theta = pi_train.
+
+    Decoupled methods: ``c_t = w_t keep_t A`` with the weights and loss mask of :mod:`helpers.rl` (batch-normalised
+    weights are normalised per batch of ``batch_size`` sequences, as a trainer would; None: one batch). Bypass methods
+    (pi_old := pi_rollout): ``c_t = -d loss_t / d logp_t`` by autograd through
+    :func:`~helpers.rl.config.bypass_policy_loss` - for PPO-clip ``A rho_t`` where the ratio pi_theta / pi_rollout is
+    not clipped and 0 where it is, for REINFORCE ``A w_t``.
+
+    Args:
+        logp_train, logp_rollout: [n, T] log-probs of the sampled tokens under pi_train (= pi_theta here) and mu.
+        mask: [n, T] 0/1. adv: [n] advantages (the sequence reward minus a baseline).
+    """
+    if est.kind != "corr":
+        return estimator_weights(est, logp_train, logp_rollout, mask) * adv[:, None]
+    if est.cfg is None:
+        raise ValueError("est.cfg must be a RolloutCorrection for kind 'corr', got None")
+    n = logp_train.shape[0]
+    if est.cfg.bypass_mode:
+        lp = logp_train.detach().clone().requires_grad_(True)
+        loss, _, _ = bypass_policy_loss(lp, logp_rollout, adv, mask, est.cfg)
+        (g,) = torch.autograd.grad(loss.sum(), lp)
+        return -g
+    step = n if batch_size is None or not est.cfg.rollout_is_batch_normalize else int(batch_size)
+    out = torch.empty_like(logp_train)
+    for i in range(0, n, step):  # chunks matter only for batch normalisation (its mean is per batch)
+        sl = slice(i, i + step)
+        w, keep, _ = apply_rollout_correction(logp_train[sl], logp_rollout[sl], mask[sl], est.cfg)
+        out[sl] = (keep if w is None else w * keep) * adv[sl, None]
+    return out
 
 
 def per_sample_gradients(x: torch.Tensor, coef: torch.Tensor, logp_train_table: torch.Tensor) -> torch.Tensor:
@@ -193,7 +255,7 @@ def estimator_study(
     """Bias and variance of each estimator of grad J against the exact gradient, for each T and perturbation.
 
     For each (T, perturbation) draws ``n_samples`` sequences from the rollout policy and, per estimator, the
-    per-sequence gradient ``g_i = sum_t w_it (R_i - J) score_it`` (the baseline J, the exact objective, is a
+    per-sequence gradient ``g_i = sum_t c_it score_it`` with ``c_it = w_it (R_i - J)`` (:func:`estimator_coefficients`) (the baseline J, the exact objective, is a
     constant: it changes no expectation of an untruncated estimator and keeps variances comparable). Returns one
     row per (T, perturbation, estimator) with, relative to ||grad J||:
 
@@ -201,6 +263,9 @@ def estimator_study(
     * ``rel_bias_noise``: sqrt(tr Cov(g) / n) / ||grad J|| - the standard error floor of ``rel_bias``;
     * ``rel_var``: tr Cov(g) / ||grad J||^2 - variance of a single-sequence estimate;
     * ``rel_mse_batch``: rel_bias^2 - noise^2 + rel_var / batch_size (the debiased MSE of a batch-mean estimate);
+    * ``cos_mean``: cosine between mean_i g_i and grad J (1 = right direction; Monte-Carlo noise lowers it a little);
+    * ``cos_batch``: the mean cosine between a batch-mean estimate (``batch_size`` sequences) and grad J - what one
+      update step sees, variance included;
     * the rollout mismatch of that perturbation (``kl``, ``k3_kl``, ``chi2_token``, ``seq_chi2`` = E[rho_seq^2] - 1)
       and the weights' cost (``kept_fraction`` of tokens with nonzero weight, ``ess`` of the weights).
     """
@@ -226,19 +291,29 @@ def _study(theta, reward, lengths, perturbations, n_samples, seed, estimators, b
             adv = sequence_rewards(x, reward) - J  # [n]
             mm = rc.mismatch_metrics(lp_train, lp_roll, mask)
             seq_ratio = rc.is_weights(lp_train, lp_roll, mask, level="sequence", threshold=math.inf)[:, 0]
+            ge = g_exact.reshape(-1)
             for name, est in estimators.items():
-                w = estimator_weights(est, lp_train, lp_roll, mask)
-                G = per_sample_gradients(x, w * adv[:, None], logp_pi).reshape(n_samples, -1)
+                coef = estimator_coefficients(est, lp_train, lp_roll, mask, adv, batch_size=batch_size)
+                w = torch.where(adv[:, None] != 0, coef / adv[:, None], torch.zeros_like(coef))  # effective weights
+                G = per_sample_gradients(x, coef, logp_pi).reshape(n_samples, -1)
                 mean = G.mean(0)
                 tr_cov = float(((G - mean) ** 2).sum(1).mean())
-                bias2 = float(((mean - g_exact.reshape(-1)) ** 2).sum())
+                bias2 = float(((mean - ge) ** 2).sum())
+                n_b = n_samples // batch_size
+                if n_b >= 1:  # cosine of each batch-mean estimate to the exact gradient, averaged over batches
+                    gb = G[: n_b * batch_size].reshape(n_b, batch_size, -1).mean(1)  # [n_b, P]
+                    cos_batch = float(torch.nn.functional.cosine_similarity(gb, ge[None], dim=-1).mean())
+                else:
+                    cos_batch = float("nan")
                 rows.append({
                     "perturbation": kind, "scale": scale, "T": T, "estimator": name,
                     "rel_bias": math.sqrt(bias2) / norm,
                     "rel_bias_noise": math.sqrt(tr_cov / n_samples) / norm,
                     "rel_var": tr_cov / norm**2,
                     "rel_mse_batch": max(bias2 - tr_cov / n_samples, 0.0) / norm**2 + tr_cov / norm**2 / batch_size,
-                    "kept_fraction": float((w > 0).float().mean()),
+                    "cos_mean": float(torch.nn.functional.cosine_similarity(mean, ge, dim=0)),
+                    "cos_batch": cos_batch,
+                    "kept_fraction": float((w != 0).float().mean()),
                     "ess": float(w.mean() ** 2 / (w * w).mean().clamp(min=1e-30)),
                     "kl": mm["kl"], "k3_kl": mm["k3_kl"], "chi2_token": mm["chi2_token"],
                     "seq_chi2": float((seq_ratio**2).mean() - 1.0), "J": J, "grad_norm": norm,

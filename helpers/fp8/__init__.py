@@ -32,7 +32,7 @@ __all__ = [
 
 # Model-level API (Fp8Linear, quantize_model, requantize_model_, checkpoints) is appended below.
 from helpers.fp8.linear import DEFAULT_SKIP, Fp8Linear, fp8_linears, quantize_model, requantize_model_  # noqa: E402
-from helpers.fp8.checkpoint import load_fp8_checkpoint, load_kv_scales, save_fp8_checkpoint  # noqa: E402
+from helpers.fp8.checkpoint import load_fp8_checkpoint, read_kv_scale_tensors, save_fp8_checkpoint  # noqa: E402
 
 __all__ += ["DEFAULT_SKIP", "Fp8Linear", "fp8_linears", "quantize_model", "requantize_model_", "save_fp8_checkpoint",
-            "load_fp8_checkpoint", "load_kv_scales"]
+            "load_fp8_checkpoint", "read_kv_scale_tensors"]

@@ -10,12 +10,16 @@ A checkpoint is a directory with
   "weight_block_size": [128, 128]}``; models quantized with power-of-two scales also carry ``"scale_fmt": "ue8m0"``
   (DeepSeek-V3.1's key for DeepGEMM's UE8M0 scales).
 
-FP8 KV-cache scales (optional, ``kv_scales=`` a :class:`helpers.kvcache.KVScales`): per attention layer ``i``
-the fp32 tensors ``layers.{i}.self_attn.k_scale``, ``v_scale`` and ``q_scale`` (shape ``[]`` per tensor, or
-``[num_kv_heads]`` / ``[num_heads]`` per head) - the names vLLM's ``BaseKVCacheMethod``
-(``vllm/model_executor/layers/quantization/kv_cache.py``) loads into each attention layer when the engine runs
-with ``kv_cache_dtype="fp8"``, instead of falling back to 1.0. ``kv_scale_prefix`` places them under another
-module path (``"model.layers.{i}.self_attn."`` for an HF-style ``...ForCausalLM`` wrapper).
+FP8 KV-cache scales (optional, ``kv_scales=``: a :class:`helpers.kvcache.KVScales`, or any object with fp32
+tensors ``.q``, ``.k``, ``.v``, or a mapping ``{"q": ..., "k": ..., "v": ...}``, each ``[n_layer]`` or
+``[n_layer, heads]``): per attention layer ``i`` the fp32 tensors ``layers.{i}.self_attn.k_scale``, ``v_scale`` and
+``q_scale`` (shape ``[]`` per tensor, or ``[num_kv_heads]`` / ``[num_heads]`` per head) - the names vLLM's
+``BaseKVCacheMethod`` (``vllm/model_executor/layers/quantization/kv_cache.py``) loads into each attention layer when
+the engine runs with ``kv_cache_dtype="fp8"``, instead of falling back to 1.0. ``kv_scale_prefix`` places them under
+another module path (``"model.layers.{i}.self_attn."`` for an HF-style ``...ForCausalLM`` wrapper). The scales are
+checked against the model's layer and head counts (``model.cfg`` of a :class:`helpers.models.Decoder`, or an HF
+``model.config``). This module takes the scales as plain tensors and never imports :mod:`helpers.kvcache` (which
+imports :mod:`helpers.fp8`); :func:`helpers.kvcache.load_kv_scales` reads them back as a ``KVScales``.
 
 Round trip is bit-exact: the same bytes come back, with the same dtypes and shapes.
 """
@@ -25,17 +29,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from helpers.fp8.linear import Fp8Linear, fp8_linears
 
-if TYPE_CHECKING:
-    from helpers.kvcache.scales import KVScales
-
-__all__ = ["save_fp8_checkpoint", "load_fp8_checkpoint", "load_kv_scales", "quantization_config"]
+__all__ = ["save_fp8_checkpoint", "load_fp8_checkpoint", "read_kv_scale_tensors", "quantization_config"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -60,14 +62,57 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
+def _attention_counts(model: nn.Module) -> tuple[int, int, int] | None:
+    """(n_layer, n_head, n_kv_head) from ``model.cfg`` (helpers.models.Decoder) or an HF ``model.config``."""
+    for attr, names in (("cfg", ("n_layer", "n_head", "n_kv_head")),
+                        ("config", ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"))):
+        cfg = getattr(model, attr, None)
+        vals = [getattr(cfg, n, None) for n in names]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            return tuple(vals)  # type: ignore[return-value]
+    return None
+
+
+def _kv_scale_tensors(kv_scales: object, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"q", "k", "v"}`` fp32 tensors from ``kv_scales``, checked against the model's layer and head counts."""
+    if isinstance(kv_scales, Mapping):
+        missing = [n for n in ("q", "k", "v") if n not in kv_scales]
+        if missing:
+            raise ValueError(f"kv_scales mapping must have keys 'q', 'k', 'v', missing {missing}")
+        got = {n: kv_scales[n] for n in ("q", "k", "v")}
+    elif all(isinstance(getattr(kv_scales, n, None), torch.Tensor) for n in ("q", "k", "v")):
+        got = {n: getattr(kv_scales, n) for n in ("q", "k", "v")}
+    else:
+        raise ValueError(f"kv_scales must be a helpers.kvcache.KVScales, an object with tensors .q/.k/.v or a "
+                         f"mapping of them, got {type(kv_scales).__name__}")
+    for n, t in got.items():
+        if not isinstance(t, torch.Tensor) or t.ndim not in (1, 2) or not t.is_floating_point():
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"kv_scales.{n} must be a float tensor [n_layer] or [n_layer, heads], got {shape}")
+    counts = _attention_counts(model)
+    if counts is None:
+        raise ValueError(f"cannot check kv_scales against {type(model).__name__}: it has no .cfg (n_layer, n_head, "
+                         f"n_kv_head) nor HF .config (num_hidden_layers, num_attention_heads, num_key_value_heads)")
+    n_layer, n_head, n_kv_head = counts
+    for n, heads in (("q", n_head), ("k", n_kv_head), ("v", n_kv_head)):
+        t = got[n]
+        if t.shape[0] != n_layer:
+            raise ValueError(f"kv_scales.{n} covers {t.shape[0]} layers, the model has {n_layer} attention layers")
+        if t.ndim == 2 and t.shape[1] != heads:
+            raise ValueError(f"kv_scales.{n} has {t.shape[1]} per-head scales, the model has {heads} "
+                             f"{'query' if n == 'q' else 'KV'} heads per layer")
+    return {n: t.detach().to("cpu", torch.float32) for n, t in got.items()}
+
+
 def save_fp8_checkpoint(model: nn.Module, path: str | os.PathLike, *,
-                        config: dict[str, Any] | None = None, kv_scales: "KVScales | None" = None,
+                        config: dict[str, Any] | None = None, kv_scales: object | None = None,
                         kv_scale_prefix: str = KV_SCALE_PREFIX) -> Path:
     """Write ``model`` (after :func:`~helpers.fp8.quantize_model`) to the directory ``path`` (created if needed).
 
     ``config`` (e.g. the original model's ``config.json`` dict) is written with ``quantization_config`` added.
-    ``kv_scales``: calibrated FP8 KV-cache scales, written as ``<prefix>k_scale`` / ``v_scale`` / ``q_scale`` per
-    layer (module docstring).
+    ``kv_scales``: calibrated FP8 KV-cache scales (a :class:`helpers.kvcache.KVScales`, an object with tensors
+    ``.q`` / ``.k`` / ``.v``, or a mapping of them), written as ``<prefix>k_scale`` / ``v_scale`` / ``q_scale`` per
+    layer (module docstring); ValueError when their layer or head counts differ from the model's.
     Tensors that share storage (tied embeddings) are saved as separate copies, as safetensors requires.
     Returns the directory.
     """
@@ -75,6 +120,9 @@ def save_fp8_checkpoint(model: nn.Module, path: str | os.PathLike, *,
 
     out = Path(path)
     qcfg = quantization_config(model)
+    kv = None if kv_scales is None else _kv_scale_tensors(kv_scales, model)
+    if "{i}" not in kv_scale_prefix:
+        raise ValueError(f"kv_scale_prefix must contain '{{i}}' (the layer index), got {kv_scale_prefix!r}")
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     seen_ptrs: set[tuple[int, int]] = set()
@@ -85,8 +133,11 @@ def save_fp8_checkpoint(model: nn.Module, path: str | os.PathLike, *,
             t = t.contiguous().clone()
         seen_ptrs.add(ptr)
         tensors[key] = t
-    if kv_scales is not None:
-        tensors.update(kv_scales.state_dict(kv_scale_prefix))
+    if kv is not None:
+        for i in range(kv["k"].shape[0]):
+            base = kv_scale_prefix.format(i=i)
+            for n in ("k", "v", "q"):
+                tensors[f"{base}{n}_scale"] = kv[n][i].clone().contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     full_cfg = dict(config or {})
     full_cfg["quantization_config"] = qcfg
@@ -104,7 +155,7 @@ def load_fp8_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
       ``L.weight_scale_inv`` in the file becomes an :class:`Fp8Linear` (block size and scale format from the
       config, ``backend`` as given) unless it already is one, then the tensors are loaded with ``strict=True``
       (copied bit for bit). KV-cache scales in the file (``*.k_scale`` / ``v_scale`` / ``q_scale``) are not
-      module tensors and are skipped here; read them with :func:`load_kv_scales`. Returns ``model``.
+      module tensors and are skipped here; read them with :func:`helpers.kvcache.load_kv_scales`. Returns ``model``.
     """
     from safetensors.torch import load_file
 
@@ -143,15 +194,11 @@ def load_fp8_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     return model
 
 
-def load_kv_scales(path: str | os.PathLike, *, kv_scale_prefix: str = KV_SCALE_PREFIX) -> "KVScales | None":
-    """The FP8 KV-cache scales of a checkpoint written with ``save_fp8_checkpoint(..., kv_scales=...)``, as a
-    :class:`~helpers.kvcache.KVScales` (bit-exact), or None when the checkpoint carries none."""
+def read_kv_scale_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every FP8 KV-cache scale tensor (``*.k_scale`` / ``v_scale`` / ``q_scale``) of the checkpoint directory
+    ``path``, by its name in the file (empty when it carries none). :func:`helpers.kvcache.load_kv_scales` turns
+    them into a ``KVScales``."""
     from safetensors import safe_open
 
-    from helpers.kvcache.scales import KVScales
-
     with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
-        keys = [k for k in f.keys() if k.endswith(KV_SCALE_SUFFIXES)]
-        if not keys:
-            return None
-        return KVScales.from_state_dict({k: f.get_tensor(k) for k in keys}, kv_scale_prefix)
+        return {k: f.get_tensor(k) for k in f.keys() if k.endswith(KV_SCALE_SUFFIXES)}

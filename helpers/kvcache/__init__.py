@@ -17,12 +17,16 @@ Scales (:mod:`helpers.kvcache.scales`):
 * ``compute_qkv_scales(q, k, v, *, granularity="tensor" | "head", percentile=100.0, margin=1.0, fp8_max=448.0)
   -> (q_scale, k_scale, v_scale)``: ``margin * percentile(|x|) / fp8_max``.
 * ``KVScales(q, k, v)``: fp32 ``[n_layer]`` or ``[n_layer, heads]``; ``scales.k[i]`` is layer i's ``k_scale``;
-  ``state_dict()`` / ``from_state_dict()`` under vLLM's names ``layers.{i}.self_attn.{k,v,q}_scale``.
+  ``state_dict()`` / ``from_state_dict()`` under vLLM's names ``layers.{i}.self_attn.{k,v,q}_scale``;
+  ``a == b`` / ``a.equal(b)`` compare bit for bit. ``load_kv_scales(checkpoint_dir)`` reads the scales
+  ``helpers.fp8.save_fp8_checkpoint(..., kv_scales=scales)`` wrote.
 * ``POLICIES`` / ``get_policy(name)``: ``"unit"``, ``"vllm"``, ``"nemo_rl"``, ``"nemo_rl_once"``, ``"p99.9"``,
   ``"p99.99"`` (:class:`KVScalePolicy`, with the ``schedule`` it recalibrates on).
 
 Calibration (:mod:`helpers.kvcache.calibration`): ``calibrate_kv_scales(model, batches, *, policy="nemo_rl",
 granularity="tensor") -> KVScales``; ``capture_qkv(model)`` (context manager; q / k / v after QK-norm and RoPE).
+Core attention is found by a protocol (``is_core_attention = True`` on the module), so this package never imports
+:mod:`helpers.models`: arrows run ``models -> kvcache -> fp8 -> core``.
 
 Decode attention (:mod:`helpers.kvcache.attention`): ``decode_attention(q [B, H, D], cache, layer, *,
 backend="auto") -> fp32 [B, H, D]`` (Triton kernel reading the FP8 codes, int64 offsets; torch path on the CPU),
@@ -35,11 +39,11 @@ from helpers.kvcache.attention import (decode_attention, decode_attention_refere
 from helpers.kvcache.cache import KVCache, KVCacheBase, attention_reference, causal_key_mask
 from helpers.kvcache.calibration import calibrate_kv_scales, capture_qkv
 from helpers.kvcache.fp8 import Fp8KVCache
-from helpers.kvcache.scales import POLICIES, KVScalePolicy, KVScales, compute_qkv_scales, get_policy
+from helpers.kvcache.scales import POLICIES, KVScalePolicy, KVScales, compute_qkv_scales, get_policy, load_kv_scales
 
 __all__ = [
     "KVCacheBase", "KVCache", "Fp8KVCache", "attention_reference", "causal_key_mask",
-    "KVScales", "KVScalePolicy", "POLICIES", "get_policy", "compute_qkv_scales",
+    "KVScales", "KVScalePolicy", "POLICIES", "get_policy", "compute_qkv_scales", "load_kv_scales",
     "calibrate_kv_scales", "capture_qkv",
     "decode_attention", "decode_attention_torch", "decode_attention_triton", "decode_attention_reference",
 ]

@@ -1,9 +1,12 @@
 """Calibrate FP8 KV-cache scales on the trainer side: capture q / k / v after QK-norm and RoPE, reduce to scales.
 
-The capture uses forward pre-hooks on every ``layers.{i}.self_attn.core_attn`` of a
-:class:`helpers.models.Decoder` (the tensors the engine writes to its cache), as NeMo-RL's
-``calibrate_qkv_fp8_scales`` hooks core attention (NeMo-RL PR #1212). It works on a high-precision model and on one
-whose linears were swapped for ``Fp8Linear``.
+The capture uses forward pre-hooks on every *core-attention module* of the model (the tensors the engine writes to
+its cache), as NeMo-RL's ``calibrate_qkv_fp8_scales`` hooks core attention (NeMo-RL PR #1212). A core-attention
+module is found by a protocol, not by its class (so this module does not import any model): an ``nn.Module`` with
+the class attribute ``is_core_attention = True``, called as ``module(q, k, v, *, layer=i, key_mask=m, ...)`` with
+q ``[B, H, T, D]``, k / v ``[B, H_kv, T, D]`` after QK-norm and RoPE and ``m`` bool ``[B, T]`` True on real tokens
+(:class:`helpers.models.decoder.CoreAttention`, ``layers.{i}.self_attn.core_attn``, is one). It works on a
+high-precision model and on one whose linears were swapped for ``Fp8Linear``.
 
 ``calibrate_kv_scales(model, batches, policy=...)`` runs one no-grad forward per batch (no cache), drops padding
 tokens, takes the per-batch statistic of |q|, |k|, |v| per tensor or head, reduces it over batches and returns a
@@ -21,19 +24,25 @@ from torch import nn
 
 from helpers.kvcache.scales import KVScalePolicy, KVScales, compute_qkv_scales, get_policy, reduce_over_batches
 
-__all__ = ["capture_qkv", "calibrate_kv_scales", "Batch"]
+__all__ = ["capture_qkv", "calibrate_kv_scales", "is_core_attention", "Batch"]
 
-# A calibration batch: token ids long [B, T], or (ids, mask) with mask bool [B, T] True on real tokens.
+# A calibration batch: token ids long [B, T], or (ids, mask) with mask [B, T] True / 1.0 on real tokens (bool, or
+# the 0/1 float masks of helpers.rl).
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def _core_attention_modules(model: nn.Module) -> list[nn.Module]:
-    from helpers.models.decoder import CoreAttention
+def is_core_attention(module: object) -> bool:
+    """True for a module that follows the core-attention protocol of the module docstring."""
+    return isinstance(module, nn.Module) and getattr(type(module), "is_core_attention", False) is True
 
-    mods = [m for m in model.modules() if isinstance(m, CoreAttention)]
+
+def _core_attention_modules(model: nn.Module) -> list[nn.Module]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module with core-attention modules, got {type(model).__name__}")
+    mods = [m for m in model.modules() if is_core_attention(m)]
     if not mods:
-        raise ValueError(f"model has no CoreAttention modules (layers.{{i}}.self_attn.core_attn); got "
-                         f"{type(model).__name__}")
+        raise ValueError(f"model has no CoreAttention modules (modules with is_core_attention = True, e.g. "
+                         f"layers.{{i}}.self_attn.core_attn of helpers.models.Decoder); got {type(model).__name__}")
     return mods
 
 
@@ -61,6 +70,31 @@ def _real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)[mask].transpose(0, 1)[None]  # [B, T, h, D] -> [N, h, D] -> [1, h, N, D]
 
 
+def _check_batch(batch: object, index: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids long [B, T], mask bool [B, T] | None)`` from one calibration batch, or a ValueError naming it."""
+    ids, mask = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+    name = f"batches[{index}]"
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
+        got = (ids.dtype, tuple(ids.shape)) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be token ids long [B, T] or (ids, mask), got {got}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} has token ids in [{int(ids.min())}, {int(ids.max())}], expected ids in "
+                         f"[0, {vocab_size}) (the model's vocab_size)")
+    if mask is None:
+        return ids, None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} mask must have the ids' shape {tuple(ids.shape)}, got {got}")
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} mask must be bool or a 0/1 float mask, got {mask.dtype} with values "
+                             f"{mask.unique()[:5].tolist()}")
+        mask = mask > 0
+    if not bool(mask.any()):
+        raise ValueError(f"{name} is all padding (its mask has no real token); drop it or fix the mask")
+    return ids, mask
+
+
 @torch.no_grad()
 def calibrate_kv_scales(model: nn.Module, batches: Iterable[Batch], *, policy: str | KVScalePolicy = "nemo_rl",
                         granularity: str = "tensor") -> KVScales:
@@ -68,7 +102,10 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable[Batch], *, policy: s
 
     Args:
         model: the decoder; run in no-grad mode without a cache (trainer-side calibration).
-        batches: calibration batches, each ids long ``[B, T]`` or ``(ids, mask)``; padding tokens are ignored.
+        batches: an iterable (list, generator) of calibration batches, each ids long ``[B, T]`` with ids in
+            ``[0, model.cfg.vocab_size)``, or ``(ids, mask)`` with mask ``[B, T]`` bool or 0/1 float (True / 1 on
+            real tokens; padding is ignored, and every batch needs at least one real token). A bare tensor is
+            rejected (iterating it would treat each row as a batch): pass ``[ids]``.
         policy: a name in :data:`~helpers.kvcache.scales.POLICIES` or a :class:`KVScalePolicy`. ``"unit"`` returns
             1.0 without running the model; ``"vllm"`` uses the first batch only.
         granularity: ``"tensor"`` (scales ``[n_layer]``) or ``"head"`` (``[n_layer, H]`` / ``[n_layer, H_kv]``).
@@ -78,8 +115,13 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable[Batch], *, policy: s
     """
     pol = get_policy(policy)
     cfg = getattr(model, "cfg", None)
-    if cfg is None:
-        raise ValueError(f"model must be a helpers.models.Decoder (with .cfg), got {type(model).__name__}")
+    if cfg is None or not all(hasattr(cfg, f) for f in ("n_layer", "n_head", "n_kv_head", "vocab_size")):
+        raise ValueError(f"model must be a helpers.models.Decoder (with .cfg: n_layer, n_head, n_kv_head, "
+                         f"vocab_size), got {type(model).__name__}")
+    if isinstance(batches, (torch.Tensor, tuple)):
+        what = "a tensor" if isinstance(batches, torch.Tensor) else "a tuple"
+        raise ValueError(f"batches must be an iterable of batches (e.g. [ids] or [(ids, mask)]), got {what}; "
+                         f"wrap one batch in a list")
     if pol.schedule == "never":
         return KVScales.unit(cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, granularity=granularity)
     stats: dict[int, list[list[torch.Tensor]]] = {i: [[], [], []] for i in range(cfg.n_layer)}
@@ -89,7 +131,7 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable[Batch], *, policy: s
     try:
         with capture_qkv(model) as captured:
             for batch in batches:
-                ids, mask = batch if isinstance(batch, tuple) else (batch, None)
+                ids, mask = _check_batch(batch, n_batches, cfg.vocab_size)
                 model(ids, mask=mask)
                 for layer, (q, k, v, key_mask) in captured.items():
                     per = compute_qkv_scales(_real_tokens(q, key_mask), _real_tokens(k, key_mask),

@@ -25,14 +25,16 @@ engine or experiment decides what a step is.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
+from helpers.fp8.checkpoint import KV_SCALE_PREFIX, read_kv_scale_tensors
 from helpers.fp8.format import FP8_E4M3_MAX, SCALE_EPS
 
 __all__ = ["GRANULARITIES", "SCHEDULES", "KVScalePolicy", "POLICIES", "get_policy", "KVScales",
-           "percentile_abs", "compute_qkv_scales", "reduce_over_batches"]
+           "percentile_abs", "compute_qkv_scales", "reduce_over_batches", "load_kv_scales"]
 
 GRANULARITIES = ("tensor", "head")
 SCHEDULES = ("never", "once", "every_step")
@@ -162,7 +164,7 @@ def reduce_over_batches(stats: list[torch.Tensor], batch_percentile: float = 100
     return stacked.amax(0) if p == 100.0 else torch.quantile(stacked, p / 100.0, dim=0)
 
 
-@dataclass
+@dataclass(eq=False)
 class KVScales:
     """Per-layer Q/K/V dequantization scales of an FP8 KV cache (``x ~ code * scale``), fp32.
 
@@ -193,6 +195,17 @@ class KVScales:
     @property
     def n_layer(self) -> int:
         return self.k.shape[0]
+
+    def equal(self, other: object) -> bool:
+        """True when ``other`` is a :class:`KVScales` with the same q, k, v shapes and values (bit for bit)."""
+        return isinstance(other, KVScales) and all(
+            torch.equal(getattr(self, n), getattr(other, n)) for n in ("q", "k", "v"))
+
+    def __eq__(self, other: object) -> bool:
+        """``==`` is :meth:`equal` (one bool, not an element-wise tensor)."""
+        return self.equal(other) if isinstance(other, KVScales) else NotImplemented
+
+    __hash__ = None  # mutable tensors: unhashable, as a dataclass with eq
 
     @property
     def granularity(self) -> str:
@@ -235,3 +248,14 @@ class KVScales:
         if not k:
             raise ValueError(f"tensors has no {prefix.format(i=0)}k_scale")
         return cls(torch.stack(q), torch.stack(k), torch.stack(v))
+
+
+def load_kv_scales(path: str | os.PathLike, *, kv_scale_prefix: str = KV_SCALE_PREFIX) -> KVScales | None:
+    """The FP8 KV-cache scales of a checkpoint directory written by
+    ``helpers.fp8.save_fp8_checkpoint(..., kv_scales=...)``, as a :class:`KVScales` (bit-exact), or None when the
+    checkpoint carries none. ``kv_scale_prefix`` as at save time (``"model.layers.{i}.self_attn."`` for an
+    HF-style wrapper). The file is read by :func:`helpers.fp8.checkpoint.read_kv_scale_tensors`."""
+    tensors = read_kv_scale_tensors(path)
+    if not tensors:
+        return None
+    return KVScales.from_state_dict(tensors, kv_scale_prefix)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from helpers.core.timing import single_thread
 from helpers.m2dqn.dqn import (BUFFER_SEED_OFFSET, EVAL_SEED_OFFSET, Args, DQNRun, QNetwork, linear_schedule,
                                make_args)
-from helpers.m2dqn.per import PrioritySampler
+from helpers.m2dqn.per import PrioritySampler, per_beta
 
 __all__ = ["StackedQNet", "StackedReplay", "stacked_td_update", "train_batched"]
 
@@ -326,7 +326,7 @@ def _train_batched(args: Args, seeds: list[int]) -> list[DQNRun]:
         if global_step > args.learning_starts:
             if global_step % args.train_frequency == 0:
                 t = time.perf_counter()
-                beta = args.per_beta + (1.0 - args.per_beta) * min(1.0, global_step / args.total_steps)
+                beta = per_beta(args.per_beta, global_step, args.total_steps)
                 for _ in range(args.grad_steps):
                     idx, w = rb.sample_indices(args.batch_size, args.num_batches, beta)
                     last = stacked_td_update(q_net, target_net, optimizer, rb.gather(idx), args, args.num_batches,

@@ -1,22 +1,20 @@
-"""The experiment grid of notebook 04: the compared methods as training keyword sets, and a process pool that
-trains *arms* (one env, one method, many seeds) with the batched trainer and gathers their tables."""
+"""The experiment grid of notebook 04: the compared methods as training keyword sets, and :func:`run_grid`, which
+trains *arms* (one env, one method, many seeds) with the batched trainer on an executor (a local process pool or
+Ray: :mod:`helpers.core.executor`) and gathers their tables."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
+from helpers.core.executor import map_tasks
 from helpers.m2dqn.batched import train_batched
 from helpers.m2dqn.dqn import Args, make_args
 from helpers.m2dqn.sb3_reference import sb3_kwargs, train_sb3_dqn
 
-__all__ = ["PRIMARY", "REFERENCE", "method_configs", "resolve", "arm_cost", "run_grid"]
+__all__ = ["PRIMARY", "REFERENCE", "method_configs", "resolve", "arm_cost", "check_arm", "run_arm", "run_grid"]
 
 # The method every comparison is about; the controls are defined relative to its M.
 PRIMARY = "M2DQN"
@@ -91,14 +89,11 @@ def arm_cost(cfg: dict[str, Any]) -> float:
                                                     + a.total_steps)
 
 
-def _worker_init() -> None:
-    # Two workers on two cores: one intra-op thread each, or they fight over the cores.
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def _run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Top-level (picklable) worker: train one arm and tag its tables with env, method and seed."""
+def run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Top-level (picklable) task: train one arm and tag its tables with env, method and seed. Returns lists (one
+    entry per seed) ``episodes``, ``evals``, ``losses`` (DataFrames) and ``metrics`` (dicts, with ``learning_rate``
+    and ``time/task_wall_s``: this task's wall time, shared by its seeds)."""
+    t0 = time.perf_counter()
     env_id, method, kw = resolve(cfg)
     if cfg.get("trainer", "batched") == "sb3":  # one process, the seeds one after another
         runs = [train_sb3_dqn(env_id, seed=s, **kw) for s in cfg["seeds"]]
@@ -110,48 +105,49 @@ def _run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
         for name in ("episodes", "evals", "losses"):
             out[name].append(getattr(run, name).assign(**tag))
         out["metrics"].append({**tag, **run.metrics, "learning_rate": run.config["learning_rate"]})
+    wall = time.perf_counter() - t0
+    for row in out["metrics"]:
+        row["time/task_wall_s"] = wall
+        row["time/task_runs"] = len(runs)
     return out
 
 
-def run_grid(arms: list[dict[str, Any]], *, jobs: int = 2, progress: bool = True) -> dict[str, pd.DataFrame]:
+def run_grid(arms: list[dict[str, Any]], *, jobs: int = 2, progress: bool = True, executor: str | None = None,
+             on_result: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, pd.DataFrame]:
     """Train every arm (``env_id``, ``method`` label, ``seeds`` list and ``train_batched`` kwargs, plus
     ``batch_mult`` / ``grad_mult``) with :func:`helpers.m2dqn.batched.train_batched` (or, for ``trainer="sb3"``,
-    :func:`helpers.m2dqn.sb3_reference.train_sb3_dqn` per seed) on ``jobs`` processes.
+    :func:`helpers.m2dqn.sb3_reference.train_sb3_dqn` per seed), one task per arm, through
+    :func:`helpers.core.executor.map_tasks`.
 
-    Workers are started with the ``spawn`` context (safe inside a Jupyter kernel run by papermill, and with torch)
-    and use one torch thread each; the costliest arms start first. ``jobs=1`` runs in this process. Returns
-    concatenated DataFrames ``episodes``, ``evals``, ``losses`` and ``metrics`` (one row per run), each with
-    ``env_id``, ``method``, ``seed``.
+    ``executor``: ``"local"`` (``jobs`` spawned worker processes, one torch thread each; ``jobs=1`` runs in this
+    process), ``"ray"`` (one Ray task per arm, at most ``jobs`` in flight; a local Ray or the cluster at
+    ``$RAY_ADDRESS``) or None for ``$HELPERS_EXECUTOR`` (default local). The costliest arms start first.
+    ``on_result(i, out)`` is called as arm ``i`` finishes with :func:`run_arm`'s dict. Returns concatenated
+    DataFrames ``episodes``, ``evals``, ``losses`` and ``metrics`` (one row per run), each with ``env_id``,
+    ``method``, ``seed``, in the order of ``arms`` whatever the executor.
     """
     if not arms:
         raise ValueError("arms must be a non-empty list of dicts")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs!r}")
     for cfg in arms:  # fail fast, in this process, on bad input
-        if not cfg.get("seeds"):
-            raise ValueError(f"every arm needs a non-empty 'seeds' list, got {cfg!r}")
-        if cfg.get("trainer", "batched") not in TRAINERS:
-            raise ValueError(f"trainer must be one of {TRAINERS}, got {cfg['trainer']!r}")
-        env_id, _, kw = resolve(cfg)
-        args = make_args(env_id, **kw)
-        if cfg.get("trainer") == "sb3":
-            sb3_kwargs(args)  # raises for settings SB3's DQN cannot express
+        check_arm(cfg)
     order = sorted(range(len(arms)), key=lambda i: -arm_cost(arms[i]))
-    outs: list[dict[str, Any] | None] = [None] * len(arms)
-    bar = tqdm(total=len(arms), disable=not progress, desc="arms")
-    if jobs == 1:
-        for i in order:
-            outs[i] = _run_arm(arms[i])
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_arm, arms[i]): i for i in order}
-            for fut in as_completed(futures):
-                outs[futures[fut]] = fut.result()
-                bar.update()
-    bar.close()
-    done = [o for o in outs if o is not None]
-    return {name: pd.concat([df for o in done for df in o[name]], ignore_index=True)
+    outs = map_tasks(run_arm, arms, executor=executor, max_workers=jobs, progress=progress, on_result=on_result,
+                     order=order, desc="arms")
+    return {name: pd.concat([df for o in outs for df in o[name]], ignore_index=True)
             for name in ("episodes", "evals", "losses")} | {
-        "metrics": pd.DataFrame([row for o in done for row in o["metrics"]])}
+        "metrics": pd.DataFrame([row for o in outs for row in o["metrics"]])}
+
+
+def check_arm(cfg: dict[str, Any]) -> None:
+    """Raise ValueError for an arm the workers would reject (no seeds, unknown trainer, bad ``make_args`` kwargs,
+    settings SB3's DQN cannot express)."""
+    if not cfg.get("seeds"):
+        raise ValueError(f"every arm needs a non-empty 'seeds' list, got {cfg!r}")
+    if cfg.get("trainer", "batched") not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {cfg['trainer']!r}")
+    env_id, _, kw = resolve(cfg)
+    args = make_args(env_id, **kw)
+    if cfg.get("trainer") == "sb3":
+        sb3_kwargs(args)  # raises for settings SB3's DQN cannot express

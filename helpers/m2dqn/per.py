@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PER_EPS", "per_probabilities", "per_weights", "PrioritySampler"]
+__all__ = ["PER_EPS", "per_probabilities", "per_weights", "per_beta", "PrioritySampler"]
 
 # Added to |delta| so that a transition with zero TD error keeps a non-zero chance of being replayed (paper: epsilon).
 PER_EPS = 1e-6
@@ -42,6 +42,16 @@ def per_weights(probs: np.ndarray, n: int, beta: float) -> np.ndarray:
         raise ValueError("probs must be non-empty and > 0 (a sampled transition has a positive probability)")
     w = (n * probs) ** -beta
     return w / w.max()
+
+
+def per_beta(beta0: float, step: int, total_steps: int) -> float:
+    """The importance-weight exponent at env ``step``: linear from ``beta0`` at step 0 to 1 at ``total_steps``, then 1
+    (the paper anneals beta to 1 by the end of learning, when unbiased updates matter most)."""
+    if not 0.0 <= beta0 <= 1.0:
+        raise ValueError(f"beta0 must be in [0, 1], got {beta0!r}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+    return beta0 + (1.0 - beta0) * min(1.0, max(step, 0) / total_steps)
 
 
 class PrioritySampler:

@@ -13,7 +13,8 @@ Module names follow HF so that engines' parameter names line up and :func:`helpe
 Calibration hook point: ``layers.{i}.self_attn.core_attn`` is a parameter-free module called as
 ``core_attn(q, k, v, ...)`` with q ``[B, H, T, D]`` and k, v ``[B, H_kv, T, D]`` *after* QK-norm and RoPE - the
 tensors an engine writes to its KV cache. A forward pre-hook on it sees them (as NeMo-RL's calibration does on
-core attention); :mod:`helpers.kvcache.calibration` uses exactly that.
+core attention); :mod:`helpers.kvcache.calibration` finds it by its ``is_core_attention = True`` marker, so the
+arrow runs one way: ``models`` imports ``kvcache``, never the reverse.
 
 KV cache: ``forward(idx, cache=...)`` appends the new k / v to any :class:`helpers.kvcache.KVCacheBase` (the
 high-precision :class:`~helpers.kvcache.KVCache` or the FP8 one) and attends over the cache;
@@ -118,8 +119,11 @@ class CoreAttention(nn.Module):
 
     ``forward(q [B, H, T, D], k [B, H_kv, T, D], v, *, layer, cache, key_mask)``: with a cache, appends k / v and
     attends over the cache; without, attends causally over these T tokens (``key_mask`` bool [B, T]).
-    Returns ``[B, H, T, D]`` in q's dtype.
+    Returns ``[B, H, T, D]`` in q's dtype. ``is_core_attention = True`` marks it for the calibration hooks
+    (:mod:`helpers.kvcache.calibration` finds core attention by that protocol, without importing this module).
     """
+
+    is_core_attention = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int,
                 cache: KVCacheBase | None, key_mask: torch.Tensor) -> torch.Tensor:

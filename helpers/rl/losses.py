@@ -1,6 +1,6 @@
 """The GRPO / PPO policy loss: the clipped surrogate per token and veRL's loss aggregation modes.
 
-Inputs share the conventions of :mod:`helpers.rl.rollout_correction`: [batch, seq] tensors of the *sampled*
+Inputs share the conventions of :mod:`helpers.rl.common`: [batch, seq] tensors of the *sampled*
 tokens' log-probs and a 0/1 ``mask`` (1 = response token that enters the loss; padding and tokens rejected by
 :func:`~helpers.rl.rollout_correction.rejection_mask` are 0). Masked positions may hold anything, NaN included:
 they are replaced before any arithmetic, so neither the loss nor its gradient sees them.
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers.rl.rollout_correction import LOG_RATIO_BOUND, masked_mean
+from helpers.rl.common import LOG_RATIO_BOUND, masked_mean
 
 __all__ = ["AGG_MODES", "CLIP", "CLIP_HIGH_DAPO", "clipped_surrogate", "agg_loss"]
 

@@ -11,6 +11,10 @@ On a CUDA machine it times, with ``triton.testing.do_bench`` (median and 20th / 
 * ``attention.csv`` - decode attention (:func:`helpers.kvcache.decode_attention`, the compiled Triton kernel) over
   the FP8 KV cache vs the BF16 cache at 1k-32k context, one Qwen3-8B attention layer
   (:func:`helpers.kvcache.bench.decode_attention_benchmark`): ms, GB/s of K/V read, FP8 / BF16 time ratio;
+* ``decode_layer.csv`` - one Qwen3-8B transformer layer's decode step in BF16, W8A8 and W8A8 + FP8 KV over batch
+  {1, 16, 64, 256} x context {1k, 8k, 32k} (:func:`helpers.gpu_bench.decode_layer.decode_layer_benchmark`), beside
+  the decode roofline's time for the same device (:func:`helpers.roofline.layer_seconds` on
+  ``data/gpu_specs.json``) and the fraction of it reached;
 
 and writes ``bench.json``: the device name, compute capability, driver, CUDA / torch / triton versions and git
 commit (:func:`helpers.core.runtime.environment_info` plus the CUDA fields), the parameters, and headline metrics
@@ -19,7 +23,7 @@ commit (:func:`helpers.core.runtime.environment_info` plus the CUDA fields), the
 Without a CUDA device it writes nothing, prints why, and exits with :data:`NO_GPU_EXIT`: a GPU job on a runner
 whose GPU has gone missing fails instead of passing with nothing measured. :func:`run_benchmarks` takes the timing
 function and the shapes as arguments, so a CPU test runs the same code under the Triton interpreter with tiny
-shapes (``tests/test_fp8_bench.py``); only :func:`main` insists on a GPU.
+shapes (``tests/test_fp8_bench.py``, ``tests/test_gpu_bench.py``); only :func:`main` insists on a GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import torch
 
 from helpers.core import runtime
 from helpers.fp8.bench import QWEN3_8B_GEMMS, fp8_peak_tflops, gemm_benchmark, requant_benchmark
+from helpers.gpu_bench.decode_layer import BATCHES, CONTEXTS, decode_layer_benchmark
 from helpers.kvcache.bench import decode_attention_benchmark
+from helpers.roofline import ModelShape, gpu_spec_for_device, model_shape
 
 __all__ = ["NO_GPU_EXIT", "NO_GPU_MESSAGE", "FULL", "QUICK", "cuda_info", "run_benchmarks", "main"]
 
@@ -50,11 +56,13 @@ NO_GPU_MESSAGE = ("no CUDA device: torch.cuda.is_available() is False (no NVIDIA
 
 # What a run measures. FULL is the GPU runner's job (a few minutes on an H100-class GPU); QUICK is a minute-long
 # check of the same code paths. M = 1 and 16 are decode batches, 128-4096 prefill / training micro-batches; 8 GB of
-# bf16 weights is about half of Qwen3-8B (16.4 GB), enough to saturate HBM; contexts span the 1k-32k rollouts.
+# bf16 weights is about half of Qwen3-8B (16.4 GB), enough to saturate HBM; contexts span the 1k-32k rollouts. The
+# decode-layer grid (batch x context) holds at most one 34 GB BF16 cache (256 x 32k) at a time.
 FULL: dict[str, Any] = {"ms": (1, 16, 128, 1024, 4096), "requant_sizes_gb": (0.5, 2.0, 8.0),
-                        "contexts": (1024, 4096, 16384, 32768), "decode_batch": 16}
+                        "contexts": (1024, 4096, 16384, 32768), "decode_batch": 16,
+                        "layer_batches": BATCHES, "layer_contexts": CONTEXTS}
 QUICK: dict[str, Any] = {"ms": (1, 128, 4096), "requant_sizes_gb": (0.5,), "contexts": (1024, 8192),
-                         "decode_batch": 4}
+                         "decode_batch": 4, "layer_batches": (1, 64), "layer_contexts": (1024, 8192)}
 
 
 def _nvidia_smi(field: str) -> str | None:
@@ -81,9 +89,10 @@ def cuda_info() -> dict[str, Any]:
 
 
 def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame,
-              peak: float | None) -> dict[str, float]:
+              peak: float | None, layer: pd.DataFrame | None = None) -> dict[str, float]:
     """``gpu_bench/*`` metrics: best TFLOP/s per method, its fraction of the FP8 peak, the largest sync's GB/s
-    and its ratio to the copy, and the FP8 / BF16 decode-attention time ratio at the longest context."""
+    and its ratio to the copy, the FP8 / BF16 decode-attention time ratio at the longest context, and per
+    decode-layer mode its speedup over BF16 at the grid's two corners and its median fraction of the roofline."""
     m: dict[str, float] = {}
     for method, t in gemm.groupby("method")["tflops"].max().items():
         if pd.notna(t):  # NaN: a method that did not run here (no figure rather than a zero)
@@ -99,6 +108,17 @@ def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame
     m["gpu_bench/attention_longest_context"] = float(attention["context"].max())
     m["gpu_bench/attention_fp8_over_bf16_longest"] = float(longest.loc["fp8_e4m3", "ratio_vs_hp"])
     m["gpu_bench/attention_fp8_gbps_longest"] = float(longest.loc["fp8_e4m3", "gb_per_s"])
+    if layer is not None and len(layer):
+        corners = {"small": (layer["batch"].min(), layer["context"].min()),
+                   "large": (layer["batch"].max(), layer["context"].max())}
+        for mode, rows in layer.groupby("mode", sort=False):
+            for label, (b, c) in corners.items():
+                cell = rows[(rows["batch"] == b) & (rows["context"] == c)]
+                if len(cell) and pd.notna(cell["speedup_vs_bf16"].iloc[0]):
+                    m[f"gpu_bench/decode_layer_{mode}_speedup_{label}_b{b}_c{c}"] = float(cell["speedup_vs_bf16"].iloc[0])
+            frac = rows["fraction_of_roofline"].dropna()
+            if len(frac):
+                m[f"gpu_bench/decode_layer_{mode}_median_fraction_of_roofline"] = float(frac.median())
     return m
 
 
@@ -106,18 +126,22 @@ def run_benchmarks(out: str | Path, *, device: torch.device | str, bench: Callab
                    shapes: Mapping[str, tuple[int, int]] = QWEN3_8B_GEMMS, ms: Sequence[int] = FULL["ms"],
                    requant_sizes_gb: Sequence[float] = FULL["requant_sizes_gb"],
                    requant_layer: tuple[int, int] = (4096, 4096), contexts: Sequence[int] = FULL["contexts"],
-                   decode_batch: int = FULL["decode_batch"], backend: str = "triton",
-                   seed: int = 0) -> dict[str, Any]:
-    """Run every benchmark on ``device`` and write ``gemm.csv``, ``requant.csv``, ``attention.csv`` and
-    ``bench.json`` under ``out``; return the ``bench.json`` record. ``decode_batch`` sequences attend over each of
-    ``contexts`` cached slots.
+                   decode_batch: int = FULL["decode_batch"], layer_batches: Sequence[int] = FULL["layer_batches"],
+                   layer_contexts: Sequence[int] = FULL["layer_contexts"], layer_shape: ModelShape | None = None,
+                   backend: str = "triton", seed: int = 0) -> dict[str, Any]:
+    """Run every benchmark on ``device`` and write ``gemm.csv``, ``requant.csv``, ``attention.csv``,
+    ``decode_layer.csv`` and ``bench.json`` under ``out``; return the ``bench.json`` record. ``decode_batch``
+    sequences attend over each of ``contexts`` cached slots. The decode-layer benchmark runs ``layer_shape``
+    (default Qwen3-8B) over ``layer_batches`` x ``layer_contexts``, its roofline from the device's entry in
+    ``data/gpu_specs.json`` (none on a device it does not list).
 
     ``bench(fn, quantiles=[0.5, 0.2, 0.8]) -> [ms, ms, ms]``: ``triton.testing.do_bench`` on a GPU,
     :func:`helpers.fp8.bench.wall_clock_bench` for a CPU test. ``backend`` is the FP8 path timed (``"triton"``:
     compiled on a GPU, interpreted on the CPU). Raises ValueError on an empty ``ms`` / ``requant_sizes_gb`` /
     ``contexts`` or a non-positive size, before anything is timed or written.
     """
-    for name, values in (("ms", ms), ("requant_sizes_gb", requant_sizes_gb), ("contexts", contexts)):
+    for name, values in (("ms", ms), ("requant_sizes_gb", requant_sizes_gb), ("contexts", contexts),
+                         ("layer_batches", layer_batches), ("layer_contexts", layer_contexts)):
         if len(values) == 0 or any(v <= 0 for v in values):
             raise ValueError(f"{name} must be a non-empty sequence of positive numbers, got {list(values)!r}")
     if decode_batch < 1:
@@ -134,12 +158,19 @@ def run_benchmarks(out: str | Path, *, device: torch.device | str, bench: Callab
                                            device=dev, timer=bench, seed=seed)
     attention.to_csv(out / "attention.csv", index=False)
     info = {**runtime.environment_info(), **cuda_info()}
+    spec = gpu_spec_for_device(info.get("gpu"))
+    shape = layer_shape if layer_shape is not None else model_shape("Qwen3-8B")
+    layer = decode_layer_benchmark(layer_batches, layer_contexts, device=dev, bench=bench, shape=shape, gpu=spec,
+                                   backend=backend, seed=seed)
+    layer.to_csv(out / "decode_layer.csv", index=False)
     params = {"shapes": {k: list(v) for k, v in shapes.items()}, "ms": list(ms),
               "requant_sizes_gb": list(requant_sizes_gb), "requant_layer": list(requant_layer),
-              "contexts": list(contexts), "decode_batch": decode_batch, "backend": backend, "seed": seed,
+              "contexts": list(contexts), "decode_batch": decode_batch, "layer_batches": list(layer_batches),
+              "layer_contexts": list(layer_contexts), "layer_shape": shape.name,
+              "roofline_gpu": spec.name if spec is not None else None, "backend": backend, "seed": seed,
               "timer": getattr(bench, "__module__", "") + "." + getattr(bench, "__name__", repr(bench))}
     record = {"environment": info, "params": params,
-              "metrics": _headline(gemm, requant, attention, info.get("fp8_peak_tflops")),
+              "metrics": _headline(gemm, requant, attention, info.get("fp8_peak_tflops"), layer),
               "files": sorted(p.name for p in out.glob("*.csv"))}
     (out / "bench.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record

@@ -1,0 +1,143 @@
+"""helpers.m2dqn.decide: the pre-registered decision rules, the pooled-SD detectable difference and the aggregate
+over games, on synthetic per-run tables with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers.core import stats
+from helpers.m2dqn import decide
+
+D = decide.Decisions()
+
+
+def _runs(spec: dict[tuple[str, str], np.ndarray]) -> pd.DataFrame:
+    """A per_run_table from {(env, method): auc per seed}; final_eval_norm = auc (learned games)."""
+    rows = [{"env_id": e, "method": m, "seed": s + 1, "auc": float(v), "final_eval_norm": float(v)}
+            for (e, m), vals in spec.items() for s, v in enumerate(vals)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("low, high, outcome, verdict", [
+    (0.01, 0.20, "better", "reproduced"),
+    (0.01, 0.04, "better", "partly"),            # a real gain, all of it below the +0.05 target
+    (-0.20, -0.01, "worse", "not reproduced"),
+    (-0.03, 0.04, "below target", "not reproduced"),  # rules the target out
+    (-0.103, 0.079, "inconclusive", "inconclusive"),  # the re-analysis' M2DQN - DDQN(x0.5) interval
+    (-0.064, 0.158, "inconclusive", "inconclusive"),  # the committed "+0.057" interval
+])
+def test_effect_rules(low, high, outcome, verdict):
+    assert decide.effect_outcome(low, high, D.target_effect) == outcome
+    assert decide.effect_verdict(outcome, high, D.target_effect) == verdict
+
+
+def test_noninferiority_rules_and_bad_input():
+    assert decide.noninferiority_outcome(-0.05, 0.10, 0.10) == "non-inferior"
+    assert decide.noninferiority_outcome(-0.30, -0.12, 0.10) == "inferior"
+    assert decide.noninferiority_outcome(-0.15, 0.05, 0.10) == "inconclusive"
+    with pytest.raises(ValueError, match="need low <= high"):
+        decide.effect_outcome(0.2, 0.1, 0.05)
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        decide.noninferiority_outcome(0.0, 0.1, 0.0)
+    with pytest.raises(ValueError, match="target_effect must be > 0"):
+        decide.Decisions(target_effect=0.0)
+    with pytest.raises(ValueError, match="min_seeds must be an int >= 2"):
+        decide.Decisions(min_seeds=1)
+
+
+def test_pooled_sd_and_detectable_difference():
+    x, y = np.array([0.3, 0.5, 0.4, 0.7, 0.6]), np.array([0.2, 0.25, 0.3, 0.22, 0.28, 0.31])
+    want = np.sqrt((4 * x.var(ddof=1) + 5 * y.var(ddof=1)) / 9)
+    assert decide.pooled_sd(x, y) == pytest.approx(want, rel=1e-12)
+    # equal n: the core helper's formula; the re-analysis' CartPole numbers (SDs 0.066 and 0.112, 10 seeds, 99.0 %)
+    assert decide.min_detectable_difference(0.09, 10, 10) == pytest.approx(stats.min_detectable_effect(0.09, 10))
+    sd = np.sqrt((0.066 ** 2 + 0.112 ** 2) / 2)
+    assert decide.min_detectable_difference(sd, 10, 10, confidence=0.99) == pytest.approx(0.14, abs=0.01)
+    assert decide.min_detectable_difference(0.1, 5, 20) > decide.min_detectable_difference(0.1, 10, 10)
+    with pytest.raises(ValueError, match="x and y need >= 2 values"):
+        decide.pooled_sd([1.0], [1.0, 2.0])
+
+
+def test_compare_arms_reports_nothing_below_five_seeds():
+    runs = _runs({("CartPole-v1", "M2DQN"): np.linspace(0.5, 0.9, 4), ("CartPole-v1", "DDQN"): np.zeros(10)})
+    row = decide.compare_arms(runs, "M2DQN", "DDQN", n_boot=100)
+    assert row["outcome"] == "fewer than 5 seeds per arm" and row["verdict"] == "not testable here"
+    assert np.isnan([row[k] for k in ("difference", "diff_low", "diff_high", "poi", "mde")]).all()
+
+
+def test_compare_arms_detects_a_large_gain_and_is_inconclusive_on_noise():
+    rng = np.random.default_rng(0)
+    big = _runs({("CartPole-v1", "M2DQN"): 0.7 + 0.02 * rng.standard_normal(10),
+                 ("CartPole-v1", "DDQN"): 0.5 + 0.02 * rng.standard_normal(10)})
+    row = decide.compare_arms(big, "M2DQN", "DDQN", n_boot=500)
+    assert row["outcome"] == "better" and row["verdict"] == "reproduced" and row["diff_low"] > 0.1
+    assert row["poi"] == 1.0
+    spread = np.array([0.2, 0.45, 0.8, 0.3, 0.65, 0.5])  # SD 0.21: wide intervals
+    noisy = _runs({("CartPole-v1", "M2DQN"): spread + 0.02, ("CartPole-v1", "DDQN"): spread[::-1]})
+    row = decide.compare_arms(noisy, "M2DQN", "DDQN", n_boot=500)
+    assert row["outcome"] == "inconclusive" and row["diff_low"] < 0 < D.target_effect < row["diff_high"]
+    assert row["mde"] > D.target_effect  # 6 noisy seeds cannot resolve +0.05
+
+
+def test_aggregate_pools_learned_games_and_leaves_out_the_rest():
+    rng = np.random.default_rng(1)
+    spec = {}
+    for env, shift in (("CartPole-v1", 0.10), ("Acrobot-v1", 0.08), ("LunarLander-v3", 0.12)):
+        spec[(env, "M2DQN")] = 0.6 + shift + 0.03 * rng.standard_normal(8)
+        spec[(env, "DDQN")] = 0.6 + 0.03 * rng.standard_normal(8)
+    spec[("MountainCar-v0", "M2DQN")] = 0.02 * rng.standard_normal(8)  # nobody learns it
+    spec[("MountainCar-v0", "DDQN")] = 0.02 * rng.standard_normal(8)
+    runs = _runs(spec)
+    learned, why = decide.game_learned(runs, "MountainCar-v0")
+    assert not learned and "no method learns MountainCar-v0" in why
+    agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=500)
+    assert agg["games"] == ["Acrobot-v1", "CartPole-v1", "LunarLander-v3"]
+    assert list(agg["excluded"]) == ["MountainCar-v0"]
+    pooled = runs[runs.env_id != "MountainCar-v0"]
+    # the IQM over all runs of the pooled games, and P(improvement) = the mean of the per-game ones
+    assert agg["iqm_primary"] == pytest.approx(stats.iqm(pooled[pooled.method == "M2DQN"].auc))
+    table = decide.per_game_table(runs, "M2DQN", "DDQN", n_boot=200)
+    learned_rows = table[table.learned]
+    assert agg["poi"] == pytest.approx(learned_rows.poi.mean())
+    assert agg["outcome"] == "better" and agg["verdict"] == "reproduced"
+    assert (table.confidence == stats.bonferroni_confidence(4)).all()
+
+
+def test_aggregate_uses_the_common_seeds_and_skips_games_with_too_few():
+    runs = _runs({("CartPole-v1", "M2DQN"): np.linspace(0.5, 0.9, 8), ("CartPole-v1", "DDQN"): np.full(8, 0.5),
+                  ("Acrobot-v1", "M2DQN"): np.linspace(0.5, 0.9, 6), ("Acrobot-v1", "DDQN"): np.full(6, 0.5),
+                  ("LunarLander-v3", "M2DQN"): np.full(3, 0.9), ("LunarLander-v3", "DDQN"): np.full(3, 0.5)})
+    agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=50)
+    assert agg["games"] == ["Acrobot-v1", "CartPole-v1"] and agg["seeds"] == [1, 2, 3, 4, 5, 6]
+    assert agg["excluded"] == {"LunarLander-v3": "3 runs of an arm so far, fewer than 5"}
+    assert agg["n_primary"] == 6
+
+
+def test_baseline_check_is_a_noninferiority_test():
+    rng = np.random.default_rng(2)
+    runs = _runs({("CartPole-v1", "DQN"): 0.48 + 0.02 * rng.standard_normal(10),
+                  ("CartPole-v1", "SB3 DQN"): 0.50 + 0.02 * rng.standard_normal(10)})
+    row = decide.baseline_check(runs, "DQN", "SB3 DQN", n_boot=500)
+    assert row["outcome"] == "non-inferior" and row["verdict"] == "reproduced" and row["margin"] == 0.10
+    worse = _runs({("CartPole-v1", "DQN"): 0.20 + 0.02 * rng.standard_normal(10),
+                   ("CartPole-v1", "SB3 DQN"): 0.50 + 0.02 * rng.standard_normal(10)})
+    assert decide.baseline_check(worse, "DQN", "SB3 DQN", n_boot=500)["verdict"] == "not reproduced"
+
+
+def test_describe_and_controls_verdict():
+    rng = np.random.default_rng(3)
+    runs = _runs({("CartPole-v1", "M2DQN"): 0.7 + 0.02 * rng.standard_normal(10),
+                  ("CartPole-v1", "DDQN"): 0.5 + 0.02 * rng.standard_normal(10),
+                  ("CartPole-v1", "few"): np.full(3, 0.5)})
+    good = decide.compare_arms(runs, "M2DQN", "DDQN", n_boot=200)
+    few = decide.compare_arms(runs, "M2DQN", "few", n_boot=200)
+    assert "P(M2DQN > DDQN)" in decide.describe(good) and "smallest detectable difference" in decide.describe(good)
+    assert decide.describe(few) == "fewer than 5 seeds per arm (10 vs 3): no interval reported"
+    mk = lambda o: {"outcome": o, "verdict": decide.effect_verdict(o, 0.1, 0.05)}  # noqa: E731
+    assert decide.controls_verdict([mk("better"), mk("better")]) == "reproduced"
+    assert decide.controls_verdict([mk("better"), mk("inconclusive")]) == "partly"
+    assert decide.controls_verdict([mk("inconclusive"), mk("below target")]) == "inconclusive"
+    assert decide.controls_verdict([mk("worse"), mk("below target")]) == "not reproduced"
+    assert decide.controls_verdict([mk("better"), few]) == "not testable here"
