@@ -14,23 +14,22 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import re
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from helpers.core.executor import map_tasks
 from helpers.core.timing import median_time, single_thread
 from helpers.fp8.format import DEFAULT_BLOCK, check_block_size
 from helpers.grpo import task
 from helpers.grpo.engine import EngineConfig, RolloutEngine
 from helpers.grpo.trainer import CORRECTIONS, GRPOConfig, run_grpo
 from helpers.models.decoder import Decoder
+from helpers.rl.config import PRESETS
 
 __all__ = ["Arm", "ENGINES", "BENCH_ENGINES", "RUN_VERSION", "make_arms", "run_arms",
            "engine_settings", "bench_engines"]
@@ -118,26 +117,23 @@ def _run_one(job: tuple) -> list[dict[str, float]]:
         return run_grpo(policy, engine, CORRECTIONS[arm.correction], cfg, seed)
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one worker per core
-
-
 def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GRPOConfig, *,
-             block_size: Sequence[int] = DEFAULT_BLOCK, workers: int = 1, cache_dir: str | Path | None = None,
-             progress: bool = True) -> pd.DataFrame:
+             block_size: Sequence[int] = DEFAULT_BLOCK, workers: int = 1, executor: str | None = None,
+             cache_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Train every arm for every seed; a long DataFrame with columns ``arm``, ``engine``, ``correction``, ``seed``,
     ``step`` and every metric of :func:`~helpers.grpo.trainer.run_grpo`.
 
-    ``block_size`` is the FP8 engines' weight block (activation groups 1 x bk). ``workers`` > 1 runs the arm x seed
-    jobs on that many processes (``spawn``, one torch thread each); a run is deterministic given its arm, seed and
-    config, so the result does not depend on ``workers``. With ``cache_dir``, each finished run is saved there as
+    ``block_size`` is the FP8 engines' weight block (activation groups 1 x bk). The arm x seed jobs run through
+    :func:`helpers.core.executor.map_tasks`: ``executor`` "local" (a pool of ``workers`` processes, one torch thread
+    each; ``workers=1`` runs here) or "ray" (``$HELPERS_EXECUTOR`` when None); a run is deterministic given its arm,
+    seed and config, so the table does not depend on either. With ``cache_dir``, each finished run is saved there as
     it completes (``<arm>__seed<s>__<digest>.csv``; the digest covers :data:`RUN_VERSION`, the config, the block
     size and the starting policy) and a later call skips it: a long study resumes where it stopped. Jobs start
     seed by seed (every arm of seed 0, then of seed 1, ...), so a study stopped early holds complete pairs."""
     arms, seeds = list(arms), list(seeds)
     block_size = check_block_size(tuple(block_size))
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -152,28 +148,20 @@ def run_arms(policy: Decoder, arms: Iterable[Arm], seeds: Sequence[int], cfg: GR
         else:
             todo.append((arm, seed, path))
     state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    payload = {(a, s): (policy.cfg, state, a, s, cfg, block_size) for a, s, _ in todo}
+    tasks = [(policy.cfg, state, a, s, cfg, block_size) for a, s, _ in todo]
 
-    def finish(arm: Arm, seed: int, path: Path | None, hist: list[dict]) -> None:
+    def finish(i: int, hist: list[dict]) -> None:
+        arm, seed, path = todo[i]
         done[(arm, seed)] = hist
         if path is not None:  # atomic: a run killed mid-write leaves no half file
             tmp = path.with_suffix(".tmp")
             pd.DataFrame(hist).to_csv(tmp, index=False)
             tmp.replace(path)
 
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="arms x seeds", disable=not progress)
-    if workers == 1 or len(todo) <= 1:
-        for arm, seed, path in todo:
-            finish(arm, seed, path, _run_one(payload[(arm, seed)]))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_one, payload[(a, s)]): (a, s, p) for a, s, p in todo}
-            for fut in as_completed(futures):
-                finish(*futures[fut], fut.result())
-                bar.update()
-    bar.close()
+    if progress and len(todo) < len(jobs):
+        print(f"run_arms: {len(jobs) - len(todo)} of {len(jobs)} runs read from {cache}")
+    map_tasks(_run_one, tasks, executor=executor, max_workers=workers, progress=progress, on_result=finish,
+              desc="arms x seeds")
     rows = []
     for arm, seed in jobs:  # arm-major, seed order: the table does not depend on completion order
         for r in done[(arm, seed)]:
@@ -196,14 +184,21 @@ def engine_settings(arm: Arm, cfg: GRPOConfig) -> dict[str, str]:
     elif c.kind == "is":
         is_mode, rs_mode, rs_thr = c.level, "null", "-"
         is_thr = "inf (no cap: a very large value)" if math.isinf(c.threshold) else f"{c.threshold:g}"
-    else:
+    elif c.kind == "mis":
         is_mode, is_thr, rs_mode = "null", "-", c.level
         rs_thr = f"{c.threshold:g} (lower {1 / c.threshold:g})"
+    else:  # a veRL preset: its own fields
+        p = PRESETS[c.preset]
+        is_mode, is_thr = (p.rollout_is or "null"), ("-" if p.rollout_is is None else str(p.rollout_is_threshold))
+        rs_mode, rs_thr = (p.rollout_rs or "null"), ("-" if p.rollout_rs is None else str(p.rollout_rs_threshold))
+        if p.bypass_mode:
+            is_mode = f"{is_mode} (bypass_mode=True, loss_type={p.loss_type})"
     return {
         "arm": arm.name,
         "verl rollout.quantization": "fp8" if e.linear == "fp8" else "null (bf16)",
         "verl engine_kwargs.vllm.kv_cache_dtype": "fp8_e4m3" if kv_fp8 else "auto",
         "KV scale recalibration": recal if kv_fp8 else "-",
+        "verl rollout_correction preset": c.preset or "-",
         "verl rollout_correction.rollout_is": is_mode,
         "rollout_is_threshold": is_thr,
         "verl rollout_correction.rollout_rs": rs_mode,

@@ -32,13 +32,19 @@ from helpers.grpo import task
 from helpers.grpo.engine import EngineConfig, RolloutEngine
 from helpers.models.decoder import Decoder
 from helpers.rl import rollout_correction as rc
+from helpers.rl.config import PRESETS, apply_rollout_correction
 from helpers.rl.advantages import grpo_advantages
 from helpers.rl.losses import CLIP, CLIP_HIGH_DAPO, agg_loss, clipped_surrogate
 
 __all__ = ["Correction", "CORRECTIONS", "GRPOConfig", "sequence_logprobs", "run_grpo", "evaluate_policy",
            "eval_generator"]
 
-CORRECTION_KINDS = ("none", "is", "mis")
+CORRECTION_KINDS = ("none", "is", "mis", "verl")
+# Short labels of the veRL presets the GRPO loop runs (helpers.rl.config.PRESETS; bypass mode with the PPO-clip loss
+# only: the REINFORCE loss of bypass mode is not wired into this loop).
+PRESET_LABELS = {"decoupled_token_icepop": "token IcePop", "decoupled_geo_rs": "Geo-RS", "decoupled_k3_rs": "K3-RS",
+                 "decoupled_seq_is_rs": "Seq-MIS", "decoupled_geo_rs_token_tis": "Geo-RS + token TIS",
+                 "decoupled_k3_rs_token_tis": "K3-RS + token TIS", "bypass_ppo_clip": "bypass PPO-clip"}
 # Rollout rows (prompt + response) the FP8 KV scales are recalibrated on after each update: NeMo-RL calibrates on a
 # few training micro-batches, not the whole batch; 16 rows of this task are ~430 tokens, enough for a stable amax,
 # and keep the calibration forward a small part of the step.
@@ -48,16 +54,23 @@ KV_CALIB_ROWS = 16
 @dataclass(frozen=True)
 class Correction:
     """A rollout-correction mode: ``kind`` "none", "is" (importance weights ``min(r, threshold)`` at ``level``;
-    ``threshold=inf`` is plain IS) or "mis" (reject tokens / sequences whose ratio is outside
-    ``[1/threshold, threshold]``)."""
+    ``threshold=inf`` is plain IS), "mis" (reject tokens / sequences whose ratio is outside
+    ``[1/threshold, threshold]``) or "verl" (veRL's preset ``preset`` of :data:`helpers.rl.config.PRESETS`, applied
+    by :func:`helpers.rl.config.apply_rollout_correction`: IcePop, the rejection family, bypass PPO-clip)."""
 
     kind: str = "none"
     level: str = "token"
     threshold: float = 2.0
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CORRECTION_KINDS:
             raise ValueError(f"kind must be one of {CORRECTION_KINDS}, got {self.kind!r}")
+        if (self.kind == "verl") != (self.preset is not None):
+            raise ValueError(f"preset goes with kind 'verl' (and only with it), got kind={self.kind!r}, "
+                             f"preset={self.preset!r}")
+        if self.preset is not None and self.preset not in PRESET_LABELS:
+            raise ValueError(f"preset must be one of {sorted(PRESET_LABELS)}, got {self.preset!r}")
         if self.level not in rc.LEVELS:
             raise ValueError(f"level must be one of {sorted(rc.LEVELS)}, got {self.level!r}")
         if not self.threshold > 0:
@@ -67,6 +80,8 @@ class Correction:
     def label(self) -> str:
         if self.kind == "none":
             return "none"
+        if self.kind == "verl":
+            return PRESET_LABELS[self.preset]
         if self.kind == "mis":
             return f"{self.level} MIS"
         if math.isinf(self.threshold):
@@ -82,6 +97,14 @@ CORRECTIONS = {
     "token_is": Correction("is", "token", math.inf),
     "token_mis": Correction("mis", "token", 2.0),
     "seq_tis": Correction("is", "sequence", 2.0),
+    # veRL's current presets (helpers.rl.config): IcePop (weights 0 outside [0.5, 5], denominator unchanged), Geo-RS
+    # (reject sequences whose geometric-mean ratio leaves [0.999, 1.001]), K3-RS (reject sequences with mean
+    # k3 > 0.01), Seq-MIS (sequence TIS + sequence rejection [0.5, 2]) and bypass mode (pi_old := pi_rollout).
+    "icepop": Correction("verl", preset="decoupled_token_icepop"),
+    "geo_rs": Correction("verl", preset="decoupled_geo_rs"),
+    "k3_rs": Correction("verl", preset="decoupled_k3_rs"),
+    "seq_mis": Correction("verl", preset="decoupled_seq_is_rs"),
+    "bypass": Correction("verl", preset="bypass_ppo_clip"),
 }
 
 
@@ -89,9 +112,9 @@ CORRECTIONS = {
 class GRPOConfig:
     """Knobs of :func:`run_grpo` (veRL names in brackets)."""
 
-    steps: int = 40
+    steps: int = 150
     """RL steps."""
-    n_prompts: int = 16
+    n_prompts: int = 8
     """Prompts per step [data.train_batch_size]."""
     group_size: int = 8
     """Answers per prompt [actor_rollout_ref.rollout.n]."""
@@ -116,8 +139,8 @@ class GRPOConfig:
     """[actor.loss_agg_mode]."""
     norm_by_std: bool = True
     """GRPO (True) or Dr.GRPO (False) advantages [algorithm.norm_adv_by_std_in_grpo]."""
-    n_digits: int = 5
-    """Digits per operand (answer length 2 n + 1)."""
+    n_digits: int = 10
+    """Digits per operand (answer length 2 n + 1; the shipped policy data/grpo_adder10 is trained on 10)."""
     eval_every: int = 10
     """Steps between evaluations of the trainer's policy (0: never)."""
     n_eval: int = 512
@@ -211,13 +234,21 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
         elif correction.kind == "mis":
             loss_mask = rc.rejection_mask(logp_old, out.logprobs, mask, level=correction.level,
                                           upper=correction.threshold)
+        elif correction.kind == "verl":
+            rcfg = PRESETS[correction.preset]
+            if rcfg.bypass_mode:  # pi_old := pi_rollout: the PPO ratio pi_theta / pi_rollout does the IS
+                weights, loss_mask, _ = apply_rollout_correction(out.logprobs, out.logprobs, mask, rcfg)
+            else:
+                weights, loss_mask, _ = apply_rollout_correction(logp_old, out.logprobs, mask, rcfg)
+        # The loss's old log-probs: the trainer's recomputation, or the engine's own in bypass mode.
+        logp_ref = out.logprobs if correction.kind == "verl" and PRESETS[correction.preset].bypass_mode else logp_old
         mm = rc.mismatch_metrics(logp_old, out.logprobs, mask, threshold=2.0)
         rej = rc.rejection_metrics(mask, loss_mask)
         # 6. update on mini-batches
         stats = []
         for idx in torch.randperm(n_rows, generator=sample_g).chunk(cfg.n_minibatches):
             logp = sequence_logprobs(trainer, prompts[idx], out.tokens[idx], cfg.temperature)
-            lm, met = clipped_surrogate(logp, logp_old[idx], adv[idx], loss_mask[idx], clip_low=cfg.clip_low,
+            lm, met = clipped_surrogate(logp, logp_ref[idx], adv[idx], loss_mask[idx], clip_low=cfg.clip_low,
                                         clip_high=cfg.clip_high, clip_c=cfg.clip_c,
                                         rollout_weights=None if weights is None else weights[idx])
             loss = agg_loss(lm, loss_mask[idx], cfg.loss_agg_mode)
