@@ -4,10 +4,10 @@ Teacher forcing on ``prompt + answer`` with the cross-entropy on answer tokens o
 Training stops early once the sampled (temperature 1) accuracy on a fixed evaluation set reaches ``target_acc``:
 RL then has room to improve (a policy at 100% gives GRPO nothing to learn, every group's advantages are 0).
 
-Regenerate the shipped checkpoint (``data/grpo_adder.safetensors`` + ``data/grpo_adder.json``, about a minute on
-two CPU cores)::
+Regenerate notebook 05's checkpoint (``data/grpo_adder10.safetensors`` + ``.json``: the :class:`PretrainConfig`
+defaults, about 10 minutes on two CPU cores; ``data/README.md`` gives the arguments of the other shipped ones)::
 
-    .venv/bin/python -m helpers.grpo.pretrain --out data/grpo_adder
+    .venv/bin/python -m helpers.grpo.pretrain --out data/grpo_adder10
 """
 
 from __future__ import annotations
