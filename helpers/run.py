@@ -303,7 +303,8 @@ def machine_paths(out: Path | None = None) -> list[tuple[str, str]]:
 
 
 def scrub_paths(text: str, pairs: Sequence[tuple[str, str]]) -> str:
-    """``text`` with every absolute prefix of ``pairs`` replaced (``/work/main/results/x.png`` -> ``./results/x.png``)."""
+    """``text`` with every absolute prefix of ``pairs`` replaced (``<repo>/results/x.png`` -> ``./results/x.png``),
+    whole path components only."""
     for prefix, short in pairs:
         text = re.sub(re.escape(prefix) + r"(?![\w.-])", lambda _: short, text)  # "/root" but not "/rootfs"
     return text

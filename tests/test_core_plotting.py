@@ -9,8 +9,9 @@ import pytest  # noqa: E402
 from helpers.core import plotting  # noqa: E402
 
 
-@pytest.mark.parametrize("value, label", [(1000.0, "1,000"), (60.0, "60"), (0.25, "0.25"), (3e-5, "3e-05"),
-                                          (1e6, "1,000,000"), (0.0, "0"), (-10.0, "-10")])
+@pytest.mark.parametrize("value, label", [(1000.0, "1,000"), (60.0, "60"), (0.25, "0.25"), (0.001, "0.001"),
+                                          (3e-5, "3e-5"), (1e5, "1e5"), (3e5, "3e5"), (1e6, "1e6"), (2.5e-7, "2.5e-7"),
+                                          (0.0, "0"), (-10.0, "-10"), (99_999.0, "99,999")])
 def test_plain_number(value, label):
     assert plotting.plain_number(value) == label
 

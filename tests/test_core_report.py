@@ -72,7 +72,8 @@ def _run(out, name, profile, parameters):
 def test_cards_show_the_parameters_changed_from_the_profiles_defaults(tmp_path):
     nbs, out = tmp_path / "nbs", tmp_path / "out"
     nbs.mkdir()
-    _notebook(nbs, "10_a", 'profile = "full"  # x\nn_seeds = 10  # x\nenvs = ["CartPole-v1"]  # x\nshape = (8, 8)  # x\n'
+    _notebook(nbs, "10_a", 'profile = "full"  # x\nn_seeds = 10  # x\nenvs = ["CartPole-v1"]  # x\n'
+                           'shape = (8, 8)  # x\n'
                            'smoke_overrides = {"n_seeds": 2}  # x')
     _run(out, "10_a", "full", {"n_seeds": 3, "envs": ["Acrobot-v1"], "shape": [8, 8]})
     index = report.build_gallery(out, notebook_dir=nbs).read_text()

@@ -132,3 +132,20 @@ def test_decode_layer_rejects_an_moe_shape():
                      vocab=1, n_experts=4, experts_per_token=2, moe_intermediate=128, moe_layers=1)
     with pytest.raises(ValueError, match="dense layer"):
         DecodeLayer(moe, device="cpu")
+
+
+@pytest.mark.skipif(runtime.has_cuda(), reason="checks the behaviour without a CUDA device")
+def test_module_entry_point_without_a_gpu(tmp_path):
+    """``python -m helpers.gpu_bench`` (the package's ``__main__``, what the Makefile calls) exits with NO_GPU_EXIT
+    and writes nothing."""
+    import subprocess
+    import sys
+
+    from helpers.gpu_bench import NO_GPU_EXIT
+
+    out = tmp_path / "gpu"
+    for argv in (["--check"], ["--out", str(out)]):
+        proc = subprocess.run([sys.executable, "-m", "helpers.gpu_bench", *argv], capture_output=True, text=True,
+                              cwd=runtime.REPO_ROOT, timeout=300)
+        assert proc.returncode == NO_GPU_EXIT and "no CUDA device" in proc.stderr
+    assert not out.exists()

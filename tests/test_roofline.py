@@ -230,3 +230,20 @@ def test_payoff_grid():
     assert not cell.loc[(256, 32768, "kv8"), "fits_bf16"]
     assert cell.loc[(256, 32768, "kv8"), "speedup"] > 0.8 and cell.loc[(256, 32768, "w8a8"), "speedup"] < 0.05
     assert (g["pays_off"] == (g["speedup"] >= PAYOFF_THRESHOLD)).all()
+
+
+def test_sensitivity_and_the_fp8rl_setting_predictions():
+    from helpers.roofline import FP8RL_QWEN3_8B_SETTING, fp8rl_predictions, sensitivity
+
+    decode_rows = [e for e in load_published() if e["setting"] and e["setting"]["kind"] == "decode"]
+    s = sensitivity(decode_rows, overhead_ms=5.0)
+    assert list(s["id"]) == [e["id"] for e in decode_rows]
+    np.testing.assert_allclose(s["cache_unbound"], s["roofline"])  # a decode step has no cache to unbind
+    assert (s["overhead"] < s["roofline"]).all()  # a fixed cost per step dilutes a per-step gain
+    small = {**FP8RL_QWEN3_8B_SETTING, "n_requests": 16, "response": {"dist": "exponential", "mean": 300, "max": 2000}}
+    p = fp8rl_predictions(small).set_index("comparison")["predicted"]
+    assert list(p.index) == ["w8a8 vs bf16", "kv8 vs bf16", "w8a8_kv8 vs bf16", "w8a8_kv8 vs w8a8"]
+    assert p["w8a8 vs bf16"] == pytest.approx(predicted_speedup({**small, "mode": "w8a8"}), rel=1e-12)
+    # the gains compose: (1 + both vs bf16) = (1 + w8a8 vs bf16) (1 + both vs w8a8)
+    assert 1 + p["w8a8_kv8 vs bf16"] == pytest.approx((1 + p["w8a8 vs bf16"]) * (1 + p["w8a8_kv8 vs w8a8"]), rel=1e-9)
+    assert (p > 0).all()

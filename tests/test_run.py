@@ -173,7 +173,8 @@ def typed_nb(tmp_path):
 
 @pytest.mark.parametrize("key, text, value", [
     ("steps", "3", 3), ("lr", "1", 1), ("lr", "3e-4", 3e-4), ("methods", '["tis"]', ["tis"]), ("methods", "[]", []),
-    ("sizes", "[5]", [5]), ("shape", "[8, 8]", [8, 8]), ("shape", "(8, 8)", (8, 8)), ("env", "Acrobot-v1", "Acrobot-v1"),
+    ("sizes", "[5]", [5]), ("shape", "[8, 8]", [8, 8]), ("shape", "(8, 8)", (8, 8)),
+    ("env", "Acrobot-v1", "Acrobot-v1"),
     ("env", "2024", "2024"), ("flag", "False", False), ("extra", "[1, 'a']", [1, "a"]),
 ])
 def test_param_values_of_the_default_type_pass(typed_nb, key, text, value):

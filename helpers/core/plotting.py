@@ -61,12 +61,14 @@ def band(ax: Any, x: Sequence[float], runs: np.ndarray, *, label: str, color: st
 
 
 def plain_number(value: float, _pos: object = None) -> str:
-    """A tick label without scientific notation where it reads better: ``1,000``, ``0.25``, ``3e-05``."""
+    """A short tick label: plain digits from 0.001 to 99,999 (``1,000``, ``0.25``), else ``1e5`` / ``3e-5`` (no
+    ``x10^`` and no ``e+05``: long labels collide on a log axis)."""
     if value == 0 or not np.isfinite(value):
         return f"{value:g}"
-    if float(value).is_integer() and abs(value) < 1e9:
-        return f"{int(value):,}"
-    return f"{value:g}"
+    if 1e-3 <= abs(value) < 1e5:
+        return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def plain_log_ticks(ax: Any, axis: str = "both") -> None:

@@ -170,10 +170,12 @@ def bypass_ppo_clip_verdict(df: pd.DataFrame, perturbations: Sequence[tuple[str,
                      f"{at(df, kind, scale, t2, 'bypass_ppo_clip', 'rel_bias'):.3f} (token TIS "
                      f"{at(df, kind, scale, t0, 'token_tis', 'rel_bias'):.3f} / "
                      f"{at(df, kind, scale, t2, 'token_tis', 'rel_bias'):.3f}), unclipped tokens "
-                     f"{at(df, kind, scale, t0, 'bypass_ppo_clip', 'kept_fraction'):.2f}")
+                     f"{at(df, kind, scale, t0, 'bypass_ppo_clip', 'kept_fraction'):.2f} / "
+                     f"{at(df, kind, scale, t2, 'bypass_ppo_clip', 'kept_fraction'):.2f}")
     verdict = "reproduced" if all(ok) else ("partly" if any(ok) else "not reproduced")
-    return verdict, (f"at T={t0} / T={t2}: " + "; ".join(parts) + " - the mismatch itself spends PPO's clip range "
-                     "(ratios outside [0.8, 1.2] lose their gradient on one side)")
+    return verdict, (f"at T={t0} / T={t2}: " + "; ".join(parts) + " - the mismatch itself spends PPO's clip range: "
+                     "a token whose ratio pi_theta / pi_rollout is already outside [0.8, 1.2] loses its gradient when "
+                     "its advantage pushes further out, and that selection correlates with the advantage's sign")
 
 
 def floor_correction_verdict(gap_closed: float, cost: float, seq_best: str | None, seq_gap: float | None

@@ -84,7 +84,8 @@ def blockwise_verdict(weight_median_rel_err: Mapping[str, float] | pd.Series, *,
             f"under one scale)" if spread < SCHEME_SPREAD else
             f"on real MiniLM weights {best}, not a blockwise scheme, gives the lowest error (spread {spread:.1%})")
     if outlier_gain > 1:
-        onset = f" >= ~{outlier_onset:g}x the bulk" if outlier_onset is not None and math.isfinite(outlier_onset) else ""
+        known = outlier_onset is not None and math.isfinite(outlier_onset)
+        onset = f" >= ~{outlier_onset:g}x the bulk" if known else ""
         return "partly", (f"{same}; only with outlier input channels{onset} does blockwise win ({outlier_gain:.1f}x "
                           f"lower bulk error than per-channel at {outlier_scale:g}x), and per-channel still wins for "
                           f"outlier output channels")

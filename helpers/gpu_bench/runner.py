@@ -115,7 +115,8 @@ def _headline(gemm: pd.DataFrame, requant: pd.DataFrame, attention: pd.DataFrame
             for label, (b, c) in corners.items():
                 cell = rows[(rows["batch"] == b) & (rows["context"] == c)]
                 if len(cell) and pd.notna(cell["speedup_vs_bf16"].iloc[0]):
-                    m[f"gpu_bench/decode_layer_{mode}_speedup_{label}_b{b}_c{c}"] = float(cell["speedup_vs_bf16"].iloc[0])
+                    key = f"gpu_bench/decode_layer_{mode}_speedup_{label}_b{b}_c{c}"
+                    m[key] = float(cell["speedup_vs_bf16"].iloc[0])
             frac = rows["fraction_of_roofline"].dropna()
             if len(frac):
                 m[f"gpu_bench/decode_layer_{mode}_median_fraction_of_roofline"] = float(frac.median())

@@ -116,11 +116,21 @@ def recalibration_verdict(table: pd.DataFrame, *, recipe_lr: float, thresholds: 
                          f"got {recipe_lr!r}")
     once = table[table["arm"].isin(["once (step 0)", "vllm once"])]
     hurt = once[once["hurts"]]
-    growth = ", ".join(f"{v} lr {lr:g}: K amax x{g:.2f}" for (v, lr), g in
-                       table.groupby(["variant", "lr"], sort=False)["k_amax_max_growth"].first().items())
+    runs = table.groupby(["variant", "lr"], sort=False).first()
+    growth = (f"K amax at most x{runs['k_amax_max_growth'].min():.2f}-x{runs['k_amax_max_growth'].max():.2f} of step "
+              f"0 over the {len(runs)} runs, x{runs['k_amax_growth'].min():.2f}-x{runs['k_amax_growth'].max():.2f} at "
+              f"the end")
+    collapsed = runs[runs["final_reward"] == 0]
+    if len(collapsed):
+        growth += (f"; reward 0 at the end of {', '.join(f'{v} lr {lr:g}' for v, lr in collapsed.index)} "
+                   f"(KL from the start {collapsed['kl_from_start_final'].min():.1f}-"
+                   f"{collapsed['kl_from_start_final'].max():.1f} nats/token: the policy collapsed)")
     th = "; ".join(f"{arm} departs from per-step scales at K amax x{t['k_amax_growth']:.2f} "
                    f"({100 * t['k_saturated_fraction']:.1f}% of K clipped)" if not math.isnan(t["factor"])
                    else f"{arm} never departs in the sweep" for arm, t in thresholds.items())
+    unit = table[(table["arm"] == "unit") & table["hurts"]]
+    unit_txt = ("" if unit.empty else "; unit scales (1.0) do hurt at " + ", ".join(
+        f"{r.variant} lr {r.lr:g} (k1 {r.stale:.3f} vs {r.fresh:.3f})" for r in unit.itertuples()))
     if (hurt["lr"] == recipe_lr).any():
         return "reproduced", (f"stale scales hurt at the recipe's lr {recipe_lr:g} "
                               f"({', '.join(sorted(set(hurt[hurt['lr'] == recipe_lr]['variant'])))}); {growth}; "
@@ -130,15 +140,17 @@ def recalibration_verdict(table: pd.DataFrame, *, recipe_lr: float, thresholds: 
                           for r in hurt.itertuples())
         return "partly", (f"stale scales hurt only above the recipe's lr: {where}; at lr {recipe_lr:g} once-"
                           f"computed scales match per-step ones; {growth}; controlled sweep: {th}")
-    worst = once.loc[once["ratio"].idxmax()] if len(once) else None
-    closest = ("" if worst is None else
-               f"; the largest stale / per-step k1 ratio is x{worst['ratio']:.2f} ({worst['arm']}, {worst['variant']} "
-               f"lr {worst['lr']:g}: {worst['stale']:.3f} vs {worst['fresh']:.3f} nats/token), below the "
-               f"x{STALE_RATIO:g} and +{STALE_MARGIN:g} rule")
+    closest = ""
+    if len(once):
+        w = once.loc[once["diff"].idxmax()]
+        closest = (f" (largest gap: {w['arm']}, {w['variant']} lr {w['lr']:g}, k1 {w['stale']:.3f} vs "
+                   f"{w['fresh']:.3f} nats/token, {w['diff']:+.3f} [{w['lo']:+.3f}, {w['hi']:+.3f}], x{w['ratio']:.2f}, "
+                   f"{100 * w['stale_k_saturated_fraction']:.2f}% of K clipped)")
     if any(not math.isnan(t["factor"]) for t in thresholds.values()):
-        return "partly", (f"not needed at these learning rates: once-computed scales stay within the rule of per-step "
-                          f"ones on the engine's samples in every run{closest} ({growth}: the RL updates do not grow "
-                          f"K); the mechanism is real once K grows past the scale's headroom - controlled sweep: {th}")
+        return "partly", (f"not needed at these learning rates: the RL updates do not grow K ({growth}), and "
+                          f"once-computed scales stay within x{STALE_RATIO:g} / +{STALE_MARGIN:g} of per-step ones "
+                          f"on the engine's samples in every run{closest}{unit_txt}. The mechanism is real once K "
+                          f"grows past the scale's headroom - controlled sweep: {th}")
     return "not reproduced", f"stale scales never hurt, in RL ({growth}) or in the controlled sweep ({th})"
 
 

@@ -15,13 +15,15 @@ A rollout (:mod:`helpers.roofline.rollout`): ``response_lengths``, ``simulate_ro
 the KV capacity and preemption), ``predicted_speedup(setting) -> float`` (``0.18`` = +18 %).
 
 Against the literature (:mod:`helpers.roofline.published`): ``load_published`` (``data/published_speedups.json``),
-``compare_published``, ``roofline_verdict``, ``overhead_to_match``, ``payoff_grid``.
+``compare_published``, ``roofline_verdict``, ``overhead_to_match``, ``payoff_grid``, ``sensitivity``;
+``fp8rl_predictions()`` - the predicted gains in FP8-RL's Qwen3-8B setting (``FP8RL_QWEN3_8B_SETTING``).
 """
 
 from helpers.roofline.decode import (COMPONENTS, MODES, PURE_ROOFLINE, Efficiency, decode_step, decode_step_seconds,
                                      expected_experts_touched, kv_capacity_tokens, layer_seconds, prefill_seconds)
-from helpers.roofline.published import (AGREEMENT_PP, PAYOFF_THRESHOLD, agrees, compare_published, load_published,
-                                        overhead_to_match, payoff_grid, roofline_verdict)
+from helpers.roofline.published import (AGREEMENT_PP, FP8RL_QWEN3_8B_SETTING, PAYOFF_THRESHOLD, agrees,
+                                        compare_published, fp8rl_predictions, load_published, overhead_to_match,
+                                        payoff_grid, roofline_verdict, sensitivity)
 from helpers.roofline.rollout import predicted_speedup, response_lengths, simulate_rollout
 from helpers.roofline.specs import GpuSpec, ModelShape, gpu_spec, gpu_spec_for_device, load_gpu_specs, model_shape
 
@@ -31,5 +33,5 @@ __all__ = [
     "prefill_seconds", "kv_capacity_tokens", "expected_experts_touched",
     "response_lengths", "simulate_rollout", "predicted_speedup",
     "AGREEMENT_PP", "PAYOFF_THRESHOLD", "agrees", "load_published", "compare_published", "overhead_to_match",
-    "roofline_verdict", "payoff_grid",
+    "roofline_verdict", "payoff_grid", "sensitivity", "FP8RL_QWEN3_8B_SETTING", "fp8rl_predictions",
 ]

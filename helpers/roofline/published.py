@@ -9,6 +9,10 @@ verdict rule of that comparison, and where FP8 pays off (batch x context).
 * :func:`roofline_verdict` - reproduced / partly / not reproduced from the agreement count.
 * :func:`payoff_grid` - the per-step speedup of each FP8 mode over BF16 on a batch x context grid at the same
   batch, with whether the batch fits in each mode's KV cache.
+* :func:`sensitivity` - the published settings again under other assumptions (the KV cache not binding, a fixed
+  per-step overhead), to say which assumption a disagreement hangs on.
+* :func:`fp8rl_predictions` - the predicted gains in FP8-RL's own Qwen3-8B setting (what notebooks 01, 02, 05
+  cite while no GPU has measured them).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from helpers.roofline.decode import PURE_ROOFLINE, Efficiency, decode_step_secon
 from helpers.roofline.rollout import predicted_speedup
 from helpers.roofline.specs import GpuSpec, ModelShape
 
-__all__ = ["PUBLISHED", "AGREEMENT_PP", "PAYOFF_THRESHOLD", "REPORTED_KINDS", "load_published", "agrees",
-           "compare_published", "overhead_to_match", "roofline_verdict", "payoff_grid"]
+__all__ = ["PUBLISHED", "AGREEMENT_PP", "PAYOFF_THRESHOLD", "REPORTED_KINDS", "FP8RL_QWEN3_8B_SETTING",
+           "load_published", "agrees", "compare_published", "overhead_to_match", "roofline_verdict", "payoff_grid",
+           "fp8rl_predictions", "sensitivity"]
 
 PUBLISHED = REPO_ROOT / "data" / "published_speedups.json"
 # Agreement band, in percentage points of throughput gain. The published figures themselves move by this much
@@ -146,4 +151,47 @@ def payoff_grid(shape: ModelShape, gpu: GpuSpec, batches: Sequence[int], context
                 rows.append({"batch": b, "context": c, "mode": m, "speedup": t0 / t - 1.0,
                              "pays_off": t0 / t - 1.0 >= PAYOFF_THRESHOLD, "fits_bf16": b * c <= cap_bf16,
                              "fits_mode": b * c <= cap})
+    return pd.DataFrame(rows)
+
+
+def sensitivity(entries: Sequence[dict[str, Any]] | None = None, *, overhead_ms: float = 5.0) -> pd.DataFrame:
+    """Each modelled published entry predicted three ways: ``roofline`` (as in the file), ``cache_unbound`` (a
+    rollout's KV capacity set so large that every request runs at once: what is left when FP8 buys no
+    concurrency) and ``overhead`` (a fixed ``overhead_ms`` per decode step that FP8 does not shorten). Rows
+    ``id, reported, roofline, cache_unbound, overhead`` (fractions; decode settings have no cache to unbind)."""
+    entries = load_published() if entries is None else entries
+    rows = []
+    for e in entries:
+        s = e.get("setting")
+        if s is None:
+            continue
+        unbound = dict(s)
+        if s.get("kind", "rollout") == "rollout":
+            unbound["kv_capacity"] = {m: 10 ** 12 for m in ("bf16", "w8a8", "kv8", "w8a8_kv8")}
+        rows.append({"id": e["id"], "reported": e["reported"], "roofline": predicted_speedup(s),
+                     "cache_unbound": predicted_speedup(unbound),
+                     "overhead": predicted_speedup(s, eff=Efficiency(step_overhead_s=overhead_ms * 1e-3))})
+    return pd.DataFrame(rows)
+
+
+# The FP8-RL / veRL DAPO setting for Qwen3-8B-Base (8 x H100, 128 prompts x 16 responses, 20K max response): the
+# setting of the "not testable here" speed rows of notebooks 01, 02 and 05. The fields the sources do not give
+# (tp, prompt and mean response length, the KV capacity taken from NeMo-RL PR #1212) are those of the
+# verl_qwen3_8b_w8a8_* rows of data/published_speedups.json.
+FP8RL_QWEN3_8B_SETTING: dict[str, Any] = {
+    "model": "Qwen3-8B", "gpu": "H100", "kind": "rollout", "tp": 1, "prompt_len": 512, "n_requests": 256,
+    "response": {"dist": "exponential", "mean": 6000, "max": 20480},
+    "kv_capacity": {"bf16": 249_952, "w8a8": 299_344, "kv8": 2 * 249_952, "w8a8_kv8": 598_672},
+}
+
+
+def fp8rl_predictions(setting: dict[str, Any] | None = None, *, eff: Efficiency = PURE_ROOFLINE) -> pd.DataFrame:
+    """The roofline's predicted rollout gain of each FP8 mode over BF16 (and of FP8 KV over W8A8) in the FP8-RL
+    Qwen3-8B setting (:data:`FP8RL_QWEN3_8B_SETTING`, or ``setting``): rows ``comparison, predicted`` (a fraction),
+    the figures notebooks 01, 02 and 05 cite in their "not testable here" speed rows."""
+    base = dict(FP8RL_QWEN3_8B_SETTING if setting is None else setting)
+    rows = []
+    for mode, baseline in (("w8a8", "bf16"), ("kv8", "bf16"), ("w8a8_kv8", "bf16"), ("w8a8_kv8", "w8a8")):
+        rows.append({"comparison": f"{mode} vs {baseline}",
+                     "predicted": predicted_speedup({**base, "mode": mode, "baseline": baseline}, eff=eff)})
     return pd.DataFrame(rows)

@@ -154,7 +154,8 @@ class ModelShape:
     def attn_params(self) -> int:
         """q, k, v and o projections of one layer: ``hidden * (n_heads + 2 n_kv_heads) * head_dim`` for q/k/v plus
         ``n_heads * head_dim * hidden`` for o."""
-        return self.hidden * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim + self.n_heads * self.head_dim * self.hidden
+        qkv = self.hidden * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        return qkv + self.n_heads * self.head_dim * self.hidden
 
     @property
     def dense_mlp_params(self) -> int:
