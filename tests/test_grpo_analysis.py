@@ -108,3 +108,10 @@ def test_mismatch_table_gates():
     assert mt.loc["fp8", "gate_pass"] and mt.loc["bf16", "gate_pass"]  # 1.02, 1.001 < 1.1
     assert not mt.loc["fp8+kv", "gate_pass"]  # 3.0 > 2.0
     assert mt.loc["fp8", "k1_vs_llm"] == pytest.approx(0.002 / ANCHORS["gen_kl_measured_high"])
+
+
+def test_extra_corrections_join_the_family():
+    fam = comparisons_for(["fp8"], extra_corrections=("token IcePop",))
+    assert len(fam) == 6
+    assert (fam[-2].arm, fam[-2].reference, fam[-2].kind) == ("fp8 / token IcePop", "fp8 / none", "difference")
+    assert (fam[-1].reference, fam[-1].kind) == ("bf16 / none", "equivalence")

@@ -64,10 +64,12 @@ class Comparison:
             raise ValueError(f"kind must be 'difference' or 'equivalence', got {self.kind!r}")
 
 
-def comparisons_for(fp8_engines: list[str], correction: str = "token TIS") -> list[Comparison]:
-    """The family for ``fp8_engines`` (engine names of :data:`helpers.grpo.experiment.ENGINES`): the BF16 + TIS
-    control, then per engine the drop without correction, the recovery with ``correction`` and the equivalence of
-    the corrected arm to BF16."""
+def comparisons_for(fp8_engines: list[str], correction: str = "token TIS",
+                    extra_corrections: tuple[str, ...] = ()) -> list[Comparison]:
+    """The family for ``fp8_engines`` (engine names of :data:`helpers.grpo.experiment.ENGINES`): the BF16 +
+    ``correction`` control, then per engine the drop without correction, the recovery with ``correction`` and the
+    equivalence of the corrected arm to BF16; then, per engine, each of ``extra_corrections`` (arm labels such as
+    "token IcePop") against no correction (difference) and against BF16 (equivalence)."""
     out = [Comparison(f"bf16 / {correction}", "bf16 / none", "equivalence",
                       "the correction alone does not change learning (no FP8 mismatch to correct)")]
     for e in fp8_engines:
@@ -76,6 +78,10 @@ def comparisons_for(fp8_engines: list[str], correction: str = "token TIS") -> li
             Comparison(f"{e} / {correction}", f"{e} / none", "difference", f"{correction} changes what {e} learns"),
             Comparison(f"{e} / {correction}", "bf16 / none", "equivalence", f"{e} + {correction} learns like BF16"),
         ]
+    for e in fp8_engines:
+        for c in extra_corrections:
+            out += [Comparison(f"{e} / {c}", f"{e} / none", "difference", f"{c} changes what {e} learns"),
+                    Comparison(f"{e} / {c}", "bf16 / none", "equivalence", f"{e} + {c} learns like BF16")]
     return out
 
 
