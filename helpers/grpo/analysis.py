@@ -206,9 +206,12 @@ def verdicts(table: pd.DataFrame, fp8_engines: list[str], mismatch: pd.DataFrame
     An engine outside NeMo-RL's gate in ``mismatch`` (``gate_pass`` False) is named in the reason: its result is
     about a mismatch larger than real LLM runs allow, not the report's regime. The BF16 + correction control is
     reported with claim 2 (a decided difference there means the correction acts without FP8)."""
-    outside = set()
+    outside: dict[str, str] = {}
     if mismatch is not None:
-        outside = set(mismatch.loc[~mismatch.gate_pass, "engine"])
+        for r in mismatch[~mismatch.gate_pass].itertuples():
+            outside[r.engine] = (f" [outside NeMo-RL's gate ({r.gate}): median token_mult_prob_error "
+                                 f"{r.tmpe_median:.3f}, {r.tmpe_steps_above_1p1:.0%} of steps above 1.1; k1 "
+                                 f"{r.kl_k1:.2g} per token = {r.k1_vs_llm:.0f}x the FP8 LLM gen_kl]")
     like, below, undecided, why1 = [], [], [], []
     drop, recover, no_drop, why2 = [], [], [], []
     for e in fp8_engines:
@@ -220,8 +223,7 @@ def verdicts(table: pd.DataFrame, fp8_engines: list[str], mismatch: pd.DataFrame
                 (below if eq.high < 0 else undecided).append(e)
             else:
                 undecided.append(e)
-            why1.append(f"{e} + {correction} - BF16 {_fmt(eq)}, margin +-{eq.margin:g}"
-                        + (" [outside NeMo-RL's gate]" if e in outside else ""))
+            why1.append(f"{e} + {correction} - BF16 {_fmt(eq)}, margin +-{eq.margin:g}" + outside.get(e, ""))
         d = _row(table, f"{e} / none", "bf16 / none", "difference")
         g = _row(table, f"{e} / {correction}", f"{e} / none", "difference")
         if d is not None:
@@ -233,8 +235,7 @@ def verdicts(table: pd.DataFrame, fp8_engines: list[str], mismatch: pd.DataFrame
             if g is not None and g.decided and g["diff"] > 0:
                 recover.append(e)
             why2.append(f"{e}: none - BF16 {_fmt(d)}"
-                        + (f"; {correction} - none {_fmt(g)}" if g is not None else "")
-                        + (" [outside NeMo-RL's gate]" if e in outside else ""))
+                        + (f"; {correction} - none {_fmt(g)}" if g is not None else ""))
     n = len(why1)
     if n and len(like) == n:
         v1 = "reproduced"
