@@ -115,3 +115,9 @@ def test_extra_corrections_join_the_family():
     assert len(fam) == 6
     assert (fam[-2].arm, fam[-2].reference, fam[-2].kind) == ("fp8 / token IcePop", "fp8 / none", "difference")
     assert (fam[-1].reference, fam[-1].kind) == ("bf16 / none", "equivalence")
+
+
+def test_decide_without_runs_of_the_family_has_the_columns():
+    runs = per_run_table(_long_table({"bf16 / none": 0.0}, n_seeds=2))
+    empty = decide(runs, comparisons_for(["fp8+kv"]))
+    assert empty.empty and {"diff", "low", "high", "p_holm", "decided", "mde"} <= set(empty.columns)

@@ -139,15 +139,17 @@ def decide(runs: pd.DataFrame, comparisons: list[Comparison], metric: str = PRIM
         rows.append({"arm": c.arm, "reference": c.reference, "kind": c.kind, "hypothesis": c.hypothesis,
                      "metric": metric, "n": t95.n, "diff": t95.mean, "se": t95.se, "sd": t95.sd,
                      "low": t95.low, "high": t95.high, "ci90_low": t90.low, "ci90_high": t90.high, "p": p})
+    cols = ["arm", "reference", "kind", "hypothesis", "metric", "n", "diff", "se", "sd", "low", "high", "ci90_low",
+            "ci90_high", "p", "p_holm", "decided", "mde", "margin"]
     out = pd.DataFrame(rows)
-    if out.empty:
-        return out
+    if out.empty:  # no comparison whose arms both ran (e.g. no FP8 KV arms): the columns, no rows
+        return pd.DataFrame(columns=cols)
     m = len(out)
     out["p_holm"] = holm(out["p"].to_numpy())
     out["decided"] = out["p_holm"] <= alpha
     out["mde"] = [paired_mde(sd, n, alpha=alpha / m) for sd, n in zip(out["sd"], out["n"])]
     out["margin"] = np.where(out["kind"] == "equivalence", margin, np.nan)
-    return out
+    return out[cols]
 
 
 def mismatch_table(runs: pd.DataFrame) -> pd.DataFrame:
