@@ -15,7 +15,7 @@ import math
 import torch
 
 __all__ = ["LOG_RATIO_BOUND", "LOGP_POSITIVE_TOL", "masked_mean", "masked_sum", "check_logps", "check_mask",
-           "check_positive"]
+           "check_advantages", "check_positive"]
 
 # exp(20) ~ 4.9e8: large enough that no meaningful ratio is cut, small enough that exp() and its square (chi-square)
 # stay finite in fp32 (exp(40) ~ 2.4e17 < 3.4e38) even when one side assigned a token probability ~0. veRL's
@@ -105,3 +105,15 @@ def check_logps(mask: torch.Tensor, **logps: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"{name} must hold log-probabilities (<= 0) on unmasked tokens, got {x[idx].item()} at "
                              f"{idx}: were probabilities passed instead of their log?")
     return m
+
+
+def check_advantages(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``advantages`` as ``[batch, seq]`` like ``logp``: a ``[batch]`` tensor (one advantage per sequence) is
+    broadcast to its tokens; any other shape raises ValueError naming it."""
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
+        advantages = advantages[:, None].expand_as(logp)  # one advantage per sequence, broadcast to its tokens
+    if advantages.shape != logp.shape:
+        raise ValueError(f"advantages must be [batch, seq] {tuple(logp.shape)} or [batch], got {tuple(advantages.shape)}")
+    return advantages

@@ -31,7 +31,7 @@ import torch
 
 from helpers.rl import rejection as rj
 from helpers.rl import rollout_correction as rc
-from helpers.rl.common import check_logps, check_positive
+from helpers.rl.common import check_advantages, check_logps, check_positive
 from helpers.rl.losses import CLIP, clipped_surrogate
 
 __all__ = ["RolloutCorrection", "PRESETS", "LOSS_TYPES", "preset", "apply_rollout_correction", "bypass_policy_loss"]
@@ -249,12 +249,7 @@ def bypass_policy_loss(
         raise ValueError(f"cfg must have bypass_mode=True for bypass_policy_loss, got {cfg!r}; in decoupled mode use "
                          "apply_rollout_correction and clipped_surrogate")
     m = check_logps(mask, logp=logp, logp_rollout=logp_rollout)
-    if not isinstance(advantages, torch.Tensor):
-        raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
-        advantages = advantages[:, None].expand_as(logp)  # one advantage per sequence, broadcast to its tokens
-    if advantages.shape != logp.shape:
-        raise ValueError(f"advantages must be [batch, seq] {tuple(logp.shape)} or [batch], got {tuple(advantages.shape)}")
+    advantages = check_advantages(advantages, logp)
     lp_det = logp.detach()
     metrics = dict(rc.mismatch_metrics(lp_det, logp_rollout, m))
     loss_mask, met = _reject(cfg, lp_det, logp_rollout, m)

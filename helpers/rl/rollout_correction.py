@@ -31,7 +31,8 @@ import math
 
 import torch
 
-from helpers.rl.common import LOG_RATIO_BOUND, check_logps, check_mask, check_positive, masked_mean, masked_sum
+from helpers.rl.common import (LOG_RATIO_BOUND, check_advantages, check_logps, check_mask, check_positive, masked_mean,
+                               masked_sum)
 from helpers.rl.losses import agg_loss, clipped_surrogate
 
 __all__ = [
@@ -383,12 +384,7 @@ def policy_loss(
     """
     eps = _check_positive("clip", clip)
     m = _check_logps(mask, logp=logp, logp_old=logp_old)
-    if not isinstance(advantages, torch.Tensor):
-        raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
-        advantages = advantages[:, None].expand_as(logp)  # one advantage per sequence, broadcast to its tokens
-    if advantages.shape != logp.shape:
-        raise ValueError(f"advantages must be [batch, seq] {tuple(logp.shape)} or [batch], got {tuple(advantages.shape)}")
+    advantages = check_advantages(advantages, logp)
     if not bool(torch.isfinite(torch.where(m > 0, advantages.detach().float(), torch.zeros_like(m))).all()):
         raise ValueError("advantages must be finite on unmasked tokens")
     if rollout_weights is not None:
