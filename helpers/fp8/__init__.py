@@ -7,6 +7,8 @@
 * :mod:`helpers.fp8.interpreter` - the fix for the Triton interpreter's fp32 -> float8e4nv (and -> bf16) casts;
 * :mod:`helpers.fp8.quant` - the public functions below (argument checks and backend dispatch);
 * :mod:`helpers.fp8.linear` / :mod:`helpers.fp8.checkpoint` - Fp8Linear, the per-step weight sync, engine layout;
+* :mod:`helpers.fp8.fake_quant` - the FP8 end-to-end trainer's layer (the engine's W8A8 forward, straight-through
+  backward);
 * :mod:`helpers.fp8.analysis` / :mod:`helpers.fp8.bench` - error metrics per scheme, benchmarks.
 
 The math and its sources: ``docs/fp8_blockwise.md``.
@@ -36,3 +38,6 @@ from helpers.fp8.checkpoint import load_fp8_checkpoint, read_kv_scale_tensors, s
 
 __all__ += ["DEFAULT_SKIP", "Fp8Linear", "fp8_linears", "quantize_model", "requantize_model_", "save_fp8_checkpoint",
             "load_fp8_checkpoint", "read_kv_scale_tensors"]
+from helpers.fp8.fake_quant import Fp8FakeQuantLinear, fake_quantize_model  # noqa: E402
+
+__all__ += ["Fp8FakeQuantLinear", "fake_quantize_model"]

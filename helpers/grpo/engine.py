@@ -16,28 +16,80 @@ to bf16), then recalibrates the KV scales on the trainer side, as NeMo-RL does (
 trainer's policy over a calibration batch - the last rollout's prompt + response tokens - with hooks on core
 attention; the scales ride to the engine with the weights. :meth:`RolloutEngine.generate` samples with the preallocated KV cache and
 returns the log-probs of the distribution it sampled from (the engine's own logits at the sampling temperature).
+
+The levers of the mismatch studies (notebook 07), all off by default:
+
+* ``dtype="fp32"``: the engine's high-precision dtype (the zero-mismatch engine: fp32 weights, cache and
+  activations, as the trainer);
+* ``sync_dtype="bf16"``: the weight sync sends the trainer's tensors rounded to bf16 (what veRL / NeMo-RL send to
+  vLLM), so the engine quantizes bf16 weights;
+* ``trainer="fp8"``: FP8 end to end - the *trainer's* linear layers run the same blockwise W8A8 forward
+  (:mod:`helpers.fp8.fake_quant`, straight-through gradient, fp32 master weights), quantizing
+  ``trainer_weight_src`` ("fp32" master or its "bf16" rounding: xtuner's fix when the sync sends bf16);
+* ``fp8_layers``: which linear layers the engine (and an FP8 trainer) quantize (:data:`FP8_LAYER_GROUPS`);
+* ``kv_quant``: which of K, V, Q the FP8 KV cache rounds through e4m3 (:data:`KV_QUANT`; "kv" is the real
+  :class:`~helpers.kvcache.Fp8KVCache`, "qkv" adds its FP8 query, the others the attribution cache
+  :class:`~helpers.kvcache.fake.FakeFp8KVCache`);
+* ``logit_noise``: Gaussian noise of this standard deviation added to every logit before sampling (drawn from
+  the engine's own generator, seeded by ``noise_seed``): a controlled mismatch whose size is set by one number
+  (:func:`noise_k1` predicts its k1).
 """
 
 from __future__ import annotations
 
-import copy
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from helpers.fp8.format import DEFAULT_BLOCK, check_block_size, check_scale_fmt
 from helpers.fp8.quant import quant_weight
+from helpers.fp8.fake_quant import WEIGHT_SOURCES, fake_quant_linears, fake_quantize_model
+from helpers.fp8.linear import DEFAULT_SKIP, GEMM_PATHS, fp8_linears, quantize_model, requantize_model_
 from helpers.kvcache import Fp8KVCache, calibrate_kv_scales, get_policy
-from helpers.fp8.linear import GEMM_PATHS, fp8_linears, quantize_model, requantize_model_
+from helpers.kvcache.fake import FakeFp8KVCache
 from helpers.models.decoder import Decoder, GenerationOutput
 
-__all__ = ["EngineConfig", "RolloutEngine", "ENGINE_DTYPE", "WeightSyncAuditError"]
+__all__ = ["EngineConfig", "RolloutEngine", "ENGINE_DTYPE", "WeightSyncAuditError", "FP8_LAYER_GROUPS", "KV_QUANT",
+           "fp8_skip", "prepare_trainer", "noise_k1"]
 
 # The engine's high-precision dtype (what veRL's vLLM rollout runs in): bf16, also for the "BF16 rollout" arm.
 ENGINE_DTYPE = torch.bfloat16
 LINEARS = ("bf16", "fp8")
 KV_CACHES = ("bf16", "fp8")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TRAINERS = ("fp32", "fp8")
+# Which linear layers are FP8 (the rest of DEFAULT_SKIP always stays high precision): every one, the attention
+# projections, the MLP, or the first / last decoder layer only (NeMo-RL keeps the first and last layers in BF16 as
+# an option; the attribution measures what each group contributes).
+FP8_LAYER_GROUPS = ("all", "attn", "mlp", "first", "last")
+# Which tensors the FP8 KV cache rounds through e4m3.
+KV_QUANT = ("kv", "k", "v", "q", "qkv")
+
+
+def fp8_skip(group: str, n_layer: int) -> Callable[[str, torch.nn.Module], bool]:
+    """The skip predicate of :func:`helpers.fp8.quantize_model` for an FP8 layer ``group`` of
+    :data:`FP8_LAYER_GROUPS` in a decoder of ``n_layer`` layers (module names ``layers.{i}.self_attn.*`` /
+    ``layers.{i}.mlp.*``); :data:`helpers.fp8.DEFAULT_SKIP` is always skipped."""
+    if group not in FP8_LAYER_GROUPS:
+        raise ValueError(f"fp8_layers must be one of {FP8_LAYER_GROUPS}, got {group!r}")
+    default = [re.compile(p) for p in DEFAULT_SKIP]
+
+    def skip(name: str, module: torch.nn.Module) -> bool:
+        if any(p.search(name) for p in default):
+            return True
+        m = re.match(r"layers\.(\d+)\.(self_attn|mlp)\.", name)
+        if group == "all":
+            return False
+        if m is None:
+            return True
+        layer, part = int(m.group(1)), m.group(2)
+        return {"attn": part != "self_attn", "mlp": part != "mlp", "first": layer != 0,
+                "last": layer != n_layer - 1}[group]
+
+    return skip
 
 
 @dataclass(frozen=True)
@@ -56,9 +108,32 @@ class EngineConfig:
     """Fp8Linear GEMM path: "bf16" (dequantized bf16 GEMM, the CPU fast path) or "exact" (block-scaled GEMM)."""
     block_size: tuple[int, int] = DEFAULT_BLOCK
     """FP8 weight block (bn, bk); activations use 1 x bk groups. (128, 128) in every public FP8 checkpoint."""
+    dtype: str = "bf16"
+    """The engine's high-precision dtype: "bf16" (vLLM's) or "fp32" (the zero-mismatch engine)."""
+    sync_dtype: str = "fp32"
+    """What the weight sync sends: the trainer's "fp32" tensors, or their "bf16" rounding."""
+    trainer: str = "fp32"
+    """The trainer's linear layers: "fp32", or "fp8" (FP8 end to end: the engine's W8A8 forward, fake-quantized)."""
+    trainer_weight_src: str = "fp32"
+    """What an FP8 trainer quantizes: its "fp32" master weights or their "bf16" rounding (xtuner's fix)."""
+    fp8_layers: str = "all"
+    """Which linear layers are FP8 (FP8_LAYER_GROUPS)."""
+    kv_quant: str = "kv"
+    """Which tensors an FP8 KV cache rounds through e4m3 (KV_QUANT)."""
+    logit_noise: float = 0.0
+    """Standard deviation of the Gaussian noise added to every logit before sampling (0: none)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_size", check_block_size(self.block_size))
+        for name, allowed in (("dtype", tuple(DTYPES)), ("sync_dtype", tuple(DTYPES)), ("trainer", TRAINERS),
+                              ("trainer_weight_src", WEIGHT_SOURCES), ("fp8_layers", FP8_LAYER_GROUPS),
+                              ("kv_quant", KV_QUANT)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.trainer == "fp8" and self.linear != "fp8":
+            raise ValueError("trainer='fp8' (FP8 end to end) needs an FP8 engine: linear='fp8'")
+        if not (isinstance(self.logit_noise, (int, float)) and 0 <= self.logit_noise < float("inf")):
+            raise ValueError(f"logit_noise must be a finite number >= 0, got {self.logit_noise!r}")
         if self.linear not in LINEARS:
             raise ValueError(f"linear must be one of {LINEARS}, got {self.linear!r}")
         if self.kv_cache not in KV_CACHES:
@@ -70,10 +145,38 @@ class EngineConfig:
 
     @property
     def label(self) -> str:
-        """Short name: "bf16", "fp8" (W8A8) or "fp8+kv" (W8A8 + FP8 KV cache)."""
+        """Short name: "bf16", "fp8" (W8A8) or "fp8+kv" (W8A8 + FP8 KV cache); "fp32" for the fp32 engine, "e2e"
+        for an FP8 trainer, "+noise" when noise is injected."""
         if self.linear == "bf16":
-            return "bf16" if self.kv_cache == "bf16" else "bf16+fp8kv"
-        return "fp8" if self.kv_cache == "bf16" else "fp8+kv"
+            base = self.dtype if self.kv_cache == "bf16" else f"{self.dtype}+fp8kv"
+        else:
+            base = "fp8" if self.kv_cache == "bf16" else "fp8+kv"
+        if self.trainer == "fp8":
+            base += " e2e"
+        return base + (f"+noise{self.logit_noise:g}" if self.logit_noise else "")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def prepare_trainer(trainer: torch.nn.Module, cfg: EngineConfig) -> torch.nn.Module:
+    """The trainer's side of ``cfg``: with ``cfg.trainer == "fp8"``, swap its linear layers (the ones the engine
+    quantizes) for :class:`~helpers.fp8.fake_quant.Fp8FakeQuantLinear` with the engine's block size and scale
+    format, in place (same parameter objects); otherwise leave it. Returns ``trainer``."""
+    if cfg.trainer == "fp8":
+        fake_quantize_model(trainer, skip=fp8_skip(cfg.fp8_layers, trainer.cfg.n_layer), block_size=cfg.block_size,
+                            scale_fmt=cfg.scale_fmt, weight_src=cfg.trainer_weight_src)
+    return trainer
+
+
+def noise_k1(logits: torch.Tensor, sigma: float, temperature: float = 1.0) -> float:
+    """The k1 mismatch (KL(engine || trainer) per token) that logit noise of standard deviation ``sigma``
+    produces to second order, for the trainer's logits ``[..., V]``: ``E[KL(softmax((z + s e) / T) ||
+    softmax(z / T))] ~ (s / T)^2 / 2 * (1 - sum p^2)`` averaged over the rows (the Fisher form of the KL; the
+    noise's variance under p is ``s^2 (1 - sum p^2)``). Exact as ``sigma -> 0``; tests bound its error."""
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    return float(((sigma / temperature) ** 2 / 2 * (1 - (p * p).sum(-1))).mean())
 
 
 class WeightSyncAuditError(RuntimeError):
@@ -94,23 +197,36 @@ class RolloutEngine:
     """
 
     def __init__(self, policy: Decoder, cfg: EngineConfig, *, batch: int, max_len: int,
-                 calib_batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 calib_batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+                 noise_seed: int = 0) -> None:
         if not isinstance(policy, Decoder):
             raise ValueError(f"policy must be a Decoder, got {type(policy).__name__}")
         self.cfg = cfg
-        model = copy.deepcopy(policy).to(ENGINE_DTYPE).eval()
+        dtype = cfg.torch_dtype
+        # A fresh copy (a trainer's fake-quantized layers are its own, not the engine's); its random init must not
+        # move the global RNG, so that adding an engine changes nothing else in a run.
+        with torch.random.fork_rng(devices=[]):
+            model = Decoder(policy.cfg)
+        model.load_state_dict(policy.state_dict())
+        model = model.to(dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.linear == "fp8":
-            quantize_model(model, block_size=cfg.block_size, scale_fmt=cfg.scale_fmt, backend="torch", gemm=cfg.gemm)
+            quantize_model(model, skip=fp8_skip(cfg.fp8_layers, model.cfg.n_layer), block_size=cfg.block_size,
+                           scale_fmt=cfg.scale_fmt, backend="torch", gemm=cfg.gemm)
         self.model = model
         self.batch, self.max_len = batch, max_len
         self.n_calibrations = 0
+        self.noise_generator = torch.Generator().manual_seed(noise_seed)
         if cfg.kv_cache == "fp8":
             if calib_batch is None:
                 raise ValueError("calib_batch must be given for an FP8 KV cache (its first scales come from it)")
-            self.cache = Fp8KVCache.from_config(model.cfg, batch, max_len, dtype=ENGINE_DTYPE, backend="torch",
-                                                device=model.device)
+            if cfg.kv_quant in ("kv", "qkv"):
+                self.cache = Fp8KVCache.from_config(model.cfg, batch, max_len, dtype=dtype, backend="torch",
+                                                    device=model.device, fp8_query=cfg.kv_quant == "qkv")
+            else:
+                self.cache = FakeFp8KVCache.from_config(model.cfg, batch, max_len, quantize=tuple(cfg.kv_quant),
+                                                        dtype=dtype, device=model.device)
         else:
             self.cache = model.new_cache(batch, max_len)
         self.sync(policy, calib_batch)
@@ -124,7 +240,8 @@ class RolloutEngine:
         Returns ``engine/sync_s`` and ``engine/recalib_s`` (wall seconds), and the sync's counts
         (``engine/sync_layers``: FP8 layers re-quantized, ``engine/sync_bytes_written``)."""
         t0 = time.perf_counter()
-        stream = ((k, v.detach()) for k, v in policy.state_dict().items())  # one tensor at a time
+        sync_dtype = DTYPES[self.cfg.sync_dtype]
+        stream = ((k, v.detach().to(sync_dtype)) for k, v in policy.state_dict().items())  # one tensor at a time
         m = requantize_model_(self.model, stream)
         t1 = time.perf_counter()
         schedule = get_policy(self.cfg.kv_policy).schedule
@@ -141,14 +258,18 @@ class RolloutEngine:
     @torch.no_grad()
     def audit(self, policy: Decoder) -> dict[str, float]:
         """The weight-sync audit (veRL PR #7986 checks the same after each sync): every FP8 layer's codes and
-        ``weight_scale_inv`` must equal a fresh quantization of the trainer's weight (bit for bit, with the layer's
-        block size and scale format), and every other engine tensor must equal the trainer's cast to the engine
-        dtype. Raises :class:`WeightSyncAuditError` naming the first tensor that differs; returns
-        ``engine/audit_tensors`` (tensors checked).
+        ``weight_scale_inv`` must equal a fresh quantization of the trainer's weight as the sync sends it (bit for
+        bit, with the layer's block size and scale format), and every other engine tensor must equal the trainer's
+        cast to the engine dtype. Raises :class:`WeightSyncAuditError` naming the first tensor that differs; returns
+        ``engine/audit_tensors`` (tensors checked). With an FP8 trainer it also returns
+        ``engine/trainer_code_mismatch``: the fraction of FP8 weight codes (or scales) where the trainer's forward
+        and the engine's differ - 0 when both quantize the same tensor, > 0 when the trainer quantizes its fp32
+        master and the sync sends bf16 (not an error: the mismatch xtuner measured).
 
         All tensors are checked: on this model it costs about as much as the sync itself. A real engine would audit
         a sample of layers per step."""
-        state = policy.state_dict()
+        sync_dtype = DTYPES[self.cfg.sync_dtype]
+        state = {k: v.detach().to(sync_dtype) for k, v in policy.state_dict().items()}
         layers = fp8_linears(self.model)
         owned = set()
         for name, layer in layers.items():
@@ -168,7 +289,21 @@ class RolloutEngine:
             if key not in state or not torch.equal(value, state[key].to(value.dtype)):
                 raise WeightSyncAuditError(f"weight sync audit: engine tensor {key!r} differs from the trainer's")
             n += 1
-        return {"engine/audit_tensors": float(n)}
+        out = {"engine/audit_tensors": float(n)}
+        trainer_layers = fake_quant_linears(policy)
+        if trainer_layers:
+            if set(trainer_layers) != set(layers):
+                raise WeightSyncAuditError(f"the FP8 trainer quantizes {sorted(trainer_layers)}, the engine "
+                                           f"{sorted(layers)}: not the same layers")
+            differ = total = 0
+            for name, tl in trainer_layers.items():
+                q, s = tl.quantized_weight()
+                el = layers[name]
+                differ += int((q.view(torch.uint8) != el.weight.view(torch.uint8)).sum())
+                differ += int((s != el.weight_scale_inv).sum())
+                total += q.numel() + s.numel()
+            out["engine/trainer_code_mismatch"] = differ / total
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float, eos_id: int,
@@ -177,8 +312,15 @@ class RolloutEngine:
         are those of the engine's sampling distribution ``softmax(logits / temperature)``."""
         if prompts.shape[0] != self.batch:
             raise ValueError(f"prompts must have {self.batch} rows (the cache's batch), got {prompts.shape[0]}")
+        noise = None
+        if self.cfg.logit_noise > 0:
+            sigma, g = self.cfg.logit_noise, self.noise_generator
+
+            def noise(z: torch.Tensor) -> torch.Tensor:
+                return z + (sigma * torch.randn(z.shape, generator=g)).to(z.dtype)
+
         return self.model.generate(prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, pad_id=pad_id,
-                                   generator=generator, cache=self.cache)
+                                   generator=generator, cache=self.cache, logits_processor=noise)
 
     def fp8_layers(self) -> int:
         """Number of FP8 linear layers (0 for a bf16 engine)."""

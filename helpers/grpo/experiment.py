@@ -44,6 +44,18 @@ ENGINES = {
     "fp8+kv": EngineConfig(linear="fp8", gemm="exact", kv_cache="fp8", kv_policy="nemo_rl"),
     "fp8+kv stale": EngineConfig(linear="fp8", gemm="exact", kv_cache="fp8", kv_policy="nemo_rl_once"),
     "fp8+kv unit": EngineConfig(linear="fp8", gemm="exact", kv_cache="fp8", kv_policy="unit"),
+    # The mismatch dose-response of notebook 07: the zero-mismatch engine (fp32 everywhere, as the trainer), FP8
+    # end to end (the trainer runs the engine's W8A8 forward on the same weights; the sync sends fp32, so both
+    # quantize the same tensor), and the fp32 engine with Gaussian logit noise at three standard deviations
+    # (per-token k1 ~ 1.3e-2, 4.6e-2 and 0.19 at the start policy: between and beyond the precisions).
+    "fp32": EngineConfig(dtype="fp32"),
+    "fp8 e2e": EngineConfig(linear="fp8", gemm="exact", trainer="fp8"),
+    "fp8 e2e bf16-sync": EngineConfig(linear="fp8", gemm="exact", trainer="fp8", sync_dtype="bf16"),
+    "fp8 e2e bf16-both": EngineConfig(linear="fp8", gemm="exact", trainer="fp8", sync_dtype="bf16",
+                                      trainer_weight_src="bf16"),
+    "noise 0.6": EngineConfig(dtype="fp32", logit_noise=0.6),
+    "noise 1": EngineConfig(dtype="fp32", logit_noise=1.0),
+    "noise 2": EngineConfig(dtype="fp32", logit_noise=2.0),
 }
 # Engine configurations timed side by side by bench_engines (the training arms' engines and the GEMM paths).
 BENCH_ENGINES = {

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from helpers.grpo import task
-from helpers.grpo.engine import EngineConfig, RolloutEngine
+from helpers.grpo.engine import EngineConfig, RolloutEngine, prepare_trainer
 from helpers.models.decoder import Decoder
 from helpers.rl import rollout_correction as rc
 from helpers.rl.config import PRESETS, apply_rollout_correction
@@ -193,7 +193,7 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
     ``on_sync(step, trainer, engine)``, if given, is called after every weight sync (tests check the engine's
     weights there)."""
     torch.manual_seed(seed)
-    trainer = _copy_policy(policy)
+    trainer = prepare_trainer(_copy_policy(policy), engine_cfg)  # FP8 end to end: the trainer's W8A8 forward
     opt = torch.optim.AdamW(trainer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_rows = cfg.n_prompts * cfg.group_size
     a_len = task.answer_len(cfg.n_digits)
@@ -201,7 +201,8 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
     # The first KV calibration batch (before any rollout): prompts with their correct answers, teacher-forced.
     calib_probs = task.sample_problems(n_rows, cfg.n_digits, torch.Generator().manual_seed(seed + 7919))
     calib = torch.cat([task.encode_prompts(calib_probs), task.encode_answers(calib_probs)], dim=1)
-    engine = RolloutEngine(trainer, engine_cfg, batch=n_rows, max_len=max_len, calib_batch=calib)
+    engine = RolloutEngine(trainer, engine_cfg, batch=n_rows, max_len=max_len, calib_batch=calib,
+                           noise_seed=seed + 104_729)
     sample_g = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     for step in range(cfg.steps):
@@ -217,7 +218,7 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
         out = engine.generate(prompts, a_len, temperature=cfg.temperature, eos_id=task.EOS, pad_id=task.PAD,
                               generator=sample_g)
         t_roll = time.perf_counter() - t0
-        kv_sat = engine.cache.saturation_metrics() if engine_cfg.kv_cache == "fp8" else {}
+        kv_sat = engine.cache.saturation_metrics() if hasattr(engine.cache, "saturation_metrics") else {}
         mask = out.mask.float()
         # 3. rewards, advantages
         reward = task.rewards(out.tokens, answers)

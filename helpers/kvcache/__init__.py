@@ -9,7 +9,10 @@ Caches (one interface, :class:`KVCacheBase`; a rollout engine switches by passin
 * ``Fp8KVCache(n_layer, batch, max_len, n_kv_head, head_dim, *, n_head, granularity="tensor", scales=None,
   fp8_query=False, dtype=torch.float32, backend="auto", device="cpu")``; ``Fp8KVCache.from_config(cfg, batch,
   max_len, ...)``; ``cache.set_scales(KVScales)``, ``cache.scales()``, ``cache.saturation_metrics()``.
-* Both: ``append(layer, k, v, mask=None)``, ``read(layer)``, ``attention(layer, q)``, ``prepare_query(layer, q)``,
+* ``FakeFp8KVCache(..., quantize=("k", "v"), dtype=...)`` - high-precision storage holding ``code * scale`` for the
+  chosen tensors of K, V, Q only (the attribution of notebook 07; with ``{"k", "v"}`` it stores what ``Fp8KVCache``
+  reads back).
+* All: ``append(layer, k, v, mask=None)``, ``read(layer)``, ``attention(layer, q)``, ``prepare_query(layer, q)``,
   ``reset()``, ``lengths``, ``key_mask``, ``storage_bytes``, ``bytes_per_token()``.
 
 Scales (:mod:`helpers.kvcache.scales`):
@@ -38,11 +41,12 @@ from helpers.kvcache.attention import (decode_attention, decode_attention_refere
                                        decode_attention_triton)
 from helpers.kvcache.cache import KVCache, KVCacheBase, attention_reference, causal_key_mask
 from helpers.kvcache.calibration import calibrate_kv_scales, capture_qkv
+from helpers.kvcache.fake import FakeFp8KVCache
 from helpers.kvcache.fp8 import Fp8KVCache
 from helpers.kvcache.scales import POLICIES, KVScalePolicy, KVScales, compute_qkv_scales, get_policy, load_kv_scales
 
 __all__ = [
-    "KVCacheBase", "KVCache", "Fp8KVCache", "attention_reference", "causal_key_mask",
+    "KVCacheBase", "KVCache", "Fp8KVCache", "FakeFp8KVCache", "attention_reference", "causal_key_mask",
     "KVScales", "KVScalePolicy", "POLICIES", "get_policy", "compute_qkv_scales", "load_kv_scales",
     "calibrate_kv_scales", "capture_qkv",
     "decode_attention", "decode_attention_torch", "decode_attention_triton", "decode_attention_reference",

@@ -24,6 +24,7 @@ high-precision :class:`~helpers.kvcache.KVCache` or the FP8 one) and attends ove
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -301,7 +302,8 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, prompt_mask: torch.Tensor | None = None,
                  temperature: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-                 generator: torch.Generator | None = None, cache: KVCacheBase | None = None) -> GenerationOutput:
+                 generator: torch.Generator | None = None, cache: KVCacheBase | None = None,
+                 logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GenerationOutput:
         """Sample ``max_new_tokens`` after ``prompt`` long ``[B, T0]`` (left-padded; ``prompt_mask`` bool
         ``[B, T0]`` True on real tokens), filling a preallocated KV cache.
 
@@ -311,6 +313,8 @@ class Decoder(nn.Module):
         cache: any :class:`~helpers.kvcache.KVCacheBase` with ``max_len >= T0 + max_new_tokens``; it is
             :meth:`~helpers.kvcache.KVCacheBase.reset` first (storage reused, scales kept). None allocates a
             high-precision cache sized for the call.
+        logits_processor: maps each step's logits ``[B, V]`` to the logits actually sampled from (and whose
+            log-probs are returned); a rollout engine's own perturbation, e.g. injected noise. None: identity.
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.long or prompt.ndim != 2 or prompt.shape[1] < 1:
             got = (prompt.dtype, tuple(prompt.shape)) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
@@ -335,6 +339,8 @@ class Decoder(nn.Module):
         alive = torch.ones(b, dtype=torch.bool, device=prompt.device)  # rows that have not emitted EOS
         logits = self(prompt, cache=cache, mask=prompt_mask)[:, -1]  # [B, V]
         for step in range(max_new_tokens):
+            if logits_processor is not None:
+                logits = logits_processor(logits)
             if temperature == 0:
                 logp = torch.log_softmax(logits, dim=-1)
                 nxt = logp.argmax(dim=-1)
