@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from helpers.grpo.dose import (DOSE_ARMS, GATES, dose_arms, dose_response, gate_table, kl_ordering,
-                               ordering_verdicts, recovery_limits)
+                               ordering_verdicts, recovery_limits, rollout_only)
 from helpers.grpo.experiment import ENGINES
 
 # engine -> (per-token k1, loss of the primary metric without correction); token TIS recovers up to k1 0.05
@@ -53,6 +53,7 @@ def test_dose_response_verdicts_and_recovery():
     assert dose.loc["fp8 / token TIS", "verdict"] == "within margin"
     assert dose.loc["noise 2 / token TIS", "verdict"] == "loss"
     assert dose.loc["noise 2 / token TIS", "recovered"] == pytest.approx(0.5, abs=0.1)
+    assert np.isnan(dose.loc["bf16 / token TIS", "recovered"])  # nothing to recover: bf16 has no decided loss
     # the Holm family is every test of the table: adjusted p-values are >= raw ones
     assert (dose.p_diff_holm >= dose.p_diff - 1e-15).all() and (dose.p_equiv_holm >= dose.p_equiv - 1e-15).all()
     one = runs[runs.arm.isin(["fp32 / none", "fp8 / none"])]
@@ -77,6 +78,10 @@ def test_gate_table_rank_correlation_and_thresholds():
     # the loss becomes detectable between fp8 e2e (6e-3, no loss) and fp8 (1.1e-2, loss)
     assert 5e-3 < table.loc["kl_k1", "threshold_low"] < table.loc["kl_k1", "threshold_high"] < 1.3e-2
     assert table.loc["tmpe_median", "anchor"] == 1.1
+    only = gate_table(runs, dose, engines=rollout_only(ENG), n_boot=50).set_index("gate")
+    assert only.runs.iloc[0] == len(sub[sub.engine != "fp8 e2e"])  # the FP8 trainer's arm is left out
+    with pytest.raises(ValueError, match="no run"):
+        gate_table(runs, dose, engines=["nonexistent"], n_boot=10)
 
 
 def test_kl_ordering_and_verdicts():

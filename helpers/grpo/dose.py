@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,12 @@ from scipy import stats
 from helpers.core import runtime
 from helpers.core.paired import holm, paired_mde, paired_t, tost
 from helpers.grpo.analysis import ALPHA, ANCHORS, MARGIN, PRIMARY, per_run_table
-from helpers.grpo.experiment import Arm, run_arms
+from helpers.grpo.experiment import ENGINES, Arm, run_arms
 from helpers.grpo.pretrain import DEFAULT_CHECKPOINT, load_policy
 from helpers.grpo.trainer import GRPOConfig
 
 __all__ = ["DOSE_ARMS", "DOSE_SEEDS", "KV_SEEDS", "REFERENCE_ARM", "GATES", "dose_arms", "gate_runs",
-           "dose_response", "recovery_limits", "gate_table", "kl_ordering", "ordering_verdicts"]
+           "dose_response", "recovery_limits", "rollout_only", "gate_table", "kl_ordering", "ordering_verdicts"]
 
 # (engine, corrections) of the grid; notebook 05's arms first (read from its cache).
 DOSE_ARMS: dict[str, tuple[str, ...]] = {
@@ -128,7 +129,8 @@ def dose_response(runs: pd.DataFrame, reference: str = REFERENCE_ARM, metric: st
         [out.p_equiv_holm <= alpha, out.diff_decided & (out.loss > 0), out.diff_decided & (out.loss < 0)],
         ["within margin", "loss", "gain"], "undecided")
     out["mde"] = [paired_mde(sd, n, alpha=alpha / m) for sd, n in zip(out.sd, out.n)]
-    base = out[out.correction == "none"].set_index("engine")["loss"]
+    none = out[out.correction == "none"].set_index("engine")
+    base = none["loss"].where(none["verdict"] == "loss")  # a recovery needs a decided loss to recover
     out["recovered"] = 1.0 - out["loss"] / out["engine"].map(base)
     return out.sort_values(["correction", "kl_k1"]).reset_index(drop=True)
 
@@ -150,17 +152,30 @@ def recovery_limits(dose: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def rollout_only(engines: Iterable[str]) -> list[str]:
+    """The engines of ``engines`` whose trainer is fp32 (:data:`helpers.grpo.experiment.ENGINES`): their loss comes
+    from the rollout mismatch alone, not from training in FP8 as well."""
+    return [e for e in engines if ENGINES[e].trainer == "fp32"]
+
+
 def gate_table(runs: pd.DataFrame, dose: pd.DataFrame, reference: str = REFERENCE_ARM, metric: str = PRIMARY, *,
-               correction: str = "none", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+               correction: str = "none", engines: Sequence[str] | None = None, n_boot: int = 2000,
+               seed: int = 0) -> pd.DataFrame:
     """How well each candidate gate of :data:`GATES` predicts the learning loss, across the runs with
-    ``correction`` (every engine, every seed; loss against ``reference`` on the same seed).
+    ``correction`` of ``engines`` (default: every engine in ``runs``; every seed; loss against ``reference`` on
+    the same seed).
 
     Columns: ``spearman`` (rank correlation of the gate and the loss over runs) with a bootstrap 95 % interval
     (``low`` / ``high``: runs resampled with replacement, ``n_boot`` times); ``threshold_low`` / ``threshold_high``:
     the bracket where the loss becomes detectable - the largest engine-mean gate value among engines whose loss
     is not decided and the smallest among engines whose loss is (``dose``'s verdicts), when they are ordered
     consistently (else NaN: the gate does not separate them); the anchor's hand-set value."""
-    lossy = _losses(runs[runs.correction == correction], reference, metric)
+    keep = runs.correction == correction
+    if engines is not None:
+        keep &= runs.engine.isin(list(engines)) | (runs.arm == reference)
+    lossy = _losses(runs[keep], reference, metric)
+    if lossy.empty:
+        raise ValueError(f"no run with correction {correction!r} of the engines {engines}")
     verdict = dose[dose.correction == correction].set_index("engine")["verdict"]
     rng = np.random.default_rng(seed)
     n = len(lossy)
