@@ -141,3 +141,15 @@ def test_describe_and_controls_verdict():
     assert decide.controls_verdict([mk("inconclusive"), mk("below target")]) == "inconclusive"
     assert decide.controls_verdict([mk("worse"), mk("below target")]) == "not reproduced"
     assert decide.controls_verdict([mk("better"), few]) == "not testable here"
+
+
+def test_a_study_part_way_through_reads_as_pending_not_an_error():
+    """A resumable study with only M2DQN finished on CartPole: the per-game row says "not testable here" with the
+    counts, and the aggregate pools nothing."""
+    runs = _runs({("CartPole-v1", "M2DQN"): np.linspace(0.5, 0.9, 8)})
+    table = decide.per_game_table(runs, "M2DQN", "DDQN", n_boot=50)
+    row = table.iloc[0]
+    assert row.verdict == "not testable here" and row.n_primary == 8 and row.n_other == 0
+    assert np.isnan(row.difference)
+    agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=50)
+    assert agg["games"] == [] and agg["verdict"] == "not testable here"

@@ -155,13 +155,19 @@ def compare_arms(runs: pd.DataFrame, primary: str, other: str, *, decisions: Dec
     """
     metric = metric or decisions.primary_metric
     conf = stats.bonferroni_confidence(n_comparisons, decisions.family_confidence)
+    nan_keys = ("iqm_primary", "iqm_other", "difference", "diff_low", "diff_high", "poi", "poi_low", "poi_high",
+                "pooled_sd", "mde")
+    absent = [m for m in (primary, other) if m not in set(runs.method)]
+    if absent:  # a resumable study part-way through: an arm has no finished run yet
+        counts = {m: int((runs.method == m).sum()) for m in (primary, other)}
+        return {"arm": primary, "vs": other, "metric": metric, "n_primary": counts[primary],
+                "n_other": counts[other], "confidence": conf, **dict.fromkeys(nan_keys, float("nan")),
+                "outcome": NOT_ENOUGH.format(k=decisions.min_seeds), "verdict": "not testable here"}
     x, y = stats.score_matrix(runs, primary, metric), stats.score_matrix(runs, other, metric)  # [runs, envs]
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"{primary!r} and {other!r} must cover the same envs, got {x.shape[1]} and {y.shape[1]}")
     row: dict[str, Any] = {"arm": primary, "vs": other, "metric": metric, "n_primary": int(x.shape[0]), "n_other": int(y.shape[0]),
                            "confidence": conf}
-    nan_keys = ("iqm_primary", "iqm_other", "difference", "diff_low", "diff_high", "poi", "poi_low", "poi_high",
-                "pooled_sd", "mde")
     if min(x.shape[0], y.shape[0]) < decisions.min_seeds:
         return {**row, **dict.fromkeys(nan_keys, float("nan")),
                 "outcome": NOT_ENOUGH.format(k=decisions.min_seeds), "verdict": "not testable here"}
