@@ -99,3 +99,22 @@ def test_kl_ordering_and_verdicts():
     lossy = runs.copy()
     lossy.loc[lossy.arm == "fp8 e2e / none", "auc"] -= 0.02
     assert ordering_verdicts(kl_ordering(lossy), dose_response(lossy))[1][1] == "not reproduced"
+
+
+def test_master_weights_arm_and_its_verdict():
+    """An end-to-end arm that logged eval/acc_master gets a twin arm scored on it; the third ordering verdict
+    decides the FP8 training alone."""
+    from helpers.grpo.dose import MASTER, with_master_eval
+    df = pd.DataFrame({"arm": ["fp8 e2e / none"] * 2 + ["bf16 / none"] * 2, "engine": ["fp8 e2e"] * 2 + ["bf16"] * 2,
+                       "correction": ["none"] * 4, "seed": [0, 0, 0, 0], "step": [0, 1, 0, 1],
+                       "eval/acc": [0.3, 0.31, 0.3, 0.35], "eval/acc_master": [0.3, 0.34, np.nan, np.nan]})
+    out = with_master_eval(df)
+    twin = out[out.correction == MASTER]
+    assert list(twin.arm.unique()) == ["fp8 e2e / master weights"] and list(twin["eval/acc"]) == [0.3, 0.34]
+    assert len(with_master_eval(df.drop(columns="eval/acc_master"))) == 4
+    runs = _runs()
+    master = runs[runs.arm == "fp8 e2e / none"].copy()
+    master["arm"], master["correction"] = "fp8 e2e / master weights", MASTER
+    both = pd.concat([runs, master], ignore_index=True)
+    v = ordering_verdicts(kl_ordering(both), dose_response(both))
+    assert len(v) == 3 and v[2][1] == "reproduced"

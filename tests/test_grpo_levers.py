@@ -244,3 +244,37 @@ def test_last_layer_verdict_rules():
     assert last_layer_verdict(table(1e-2, 1e-4, 1e-2, 1e-4))[1] == "reproduced"
     assert last_layer_verdict(table(1e-2, 1e-4, 5e-3, 1e-4))[1] == "not reproduced"
     assert last_layer_verdict(table(1e-2, 4e-3, 9e-3, 4e-3))[1] == "inconclusive"  # could not have seen half
+
+
+def test_last_layer_verdict_pairs_the_batches():
+    """Per-batch k1 values that move together: the paired interval is far narrower than the independent one and
+    decides a reduction the independent one cannot."""
+    from helpers.grpo.attribution import last_layer_verdict
+    import numpy as np
+    import pandas as pd
+
+    base = np.array([8, 12, 5, 10, 7, 11, 6, 9]) * 1e-3
+    t = pd.DataFrame([{"toggle": "W8A8 (all linears)", "k1": base.mean(), "k1_se": base.std(ddof=1) / 8 ** 0.5,
+                       "k1_batches": tuple(base)},
+                      {"toggle": "W8A8 first layer only", "k1": (base * 0.8).mean(),
+                       "k1_se": (base * 0.8).std(ddof=1) / 8 ** 0.5, "k1_batches": tuple(base * 0.8)}])
+    claim, verdict, why = last_layer_verdict(t)
+    assert verdict == "not reproduced" and "paired over 8 batches" in why
+    assert last_layer_verdict(t.drop(columns="k1_batches"))[1] != "not reproduced"  # unpaired: cannot see it
+
+
+def test_noise_marginal_kl_is_below_the_per_draw_kl():
+    """The noise-averaged distribution is closer to the trainer's than each draw (KL is convex): the marginal KL is
+    below the per-draw one, equals a direct computation, and is 0 without noise."""
+    from helpers.grpo.engine import noise_marginal_kl
+    z = torch.randn(32, 15, generator=torch.Generator().manual_seed(1)) * 2
+    assert noise_marginal_kl(z, 0.0, draws=4) == pytest.approx(0.0, abs=1e-7)
+    for sigma in (0.6, 2.0):
+        marg = noise_marginal_kl(z, sigma, draws=512, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        p_log = torch.log_softmax(z, -1)
+        qs = torch.stack([torch.softmax(z + sigma * torch.randn(z.shape, generator=g), -1) for _ in range(512)])
+        q = qs.mean(0)
+        assert marg == pytest.approx(float((q * (q.log() - p_log)).sum(-1).mean()), rel=1e-4)
+        per_draw = float((qs * (qs.log() - p_log)).sum(-1).mean())
+        assert marg < per_draw

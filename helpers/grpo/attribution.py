@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from helpers.grpo import task
 from helpers.grpo.engine import EngineConfig, RolloutEngine, prepare_trainer
@@ -62,8 +63,10 @@ def measure_engine(policy: Decoder, cfg: EngineConfig, *, n_digits: int, batch: 
 
     Returns per-token ``k1``, ``k3``, ``chi2``, ``tmpe`` (``token_mult_prob_error``) - each the mean over batches,
     with ``*_se`` its standard error over batches - ``max_abs_logp_diff`` (largest ``|log pi_train - log
-    pi_rollout|`` over all sampled tokens), ``frac_ratio_above_2``, ``tokens``, and ``trainer_code_mismatch``
-    (FP8 trainers: fraction of weight codes that differ between trainer and engine)."""
+    pi_rollout|`` over all sampled tokens), ``frac_ratio_above_2``, ``tokens``, ``trainer_code_mismatch``
+    (FP8 trainers: fraction of weight codes that differ between trainer and engine) and ``k1_batches`` (the
+    per-batch k1: the same ``seed`` draws the same problems and sampling noise for every configuration, so batches
+    pair across configurations)."""
     trainer = Decoder(policy.cfg)
     trainer.load_state_dict(policy.state_dict())
     trainer = prepare_trainer(trainer.float().eval(), cfg)
@@ -90,6 +93,7 @@ def measure_engine(policy: Decoder, cfg: EngineConfig, *, n_digits: int, batch: 
     keys = ["k1", "k3", "chi2", "tmpe", "frac_ratio_above_2"]
     out = {k: float(v) for k, v in zip(keys, mean)}
     out.update({f"{k}_se": float(v) for k, v in zip(keys, se)})
+    out["k1_batches"] = tuple(float(v) for v in a[:, 0])  # per batch: paired across configurations (same seed)
     out.update({"max_abs_logp_diff": worst, "tokens": float(tokens),
                 "trainer_code_mismatch": audit.get("engine/trainer_code_mismatch", float("nan"))})
     return out
@@ -125,6 +129,9 @@ def last_layer_verdict(table: pd.DataFrame, *, full: str = "W8A8 (all linears)",
     :func:`attribution_table`: the reduction of k1 when the last decoder layer stays BF16, ``k1(full) -
     k1(without_last)``, with a 95 % interval from the two rows' standard errors over batches.
 
+    The interval is paired over batches when the table has ``k1_batches`` (same problems and sampling noise per
+    batch in every configuration: most sampled rows are identical, so the per-batch k1 values are correlated), a t
+    interval on the per-batch differences; otherwise it combines the two standard errors as independent.
     Reproduced ("does not help") when the interval includes 0 and its upper end is below half of ``k1(full)``
     (the reduction expected if the mismatch were spread evenly over this model's two layers: the test could have
     seen that much); not reproduced when the interval lies above 0; inconclusive otherwise. Returns ``(claim,
@@ -132,7 +139,13 @@ def last_layer_verdict(table: pd.DataFrame, *, full: str = "W8A8 (all linears)",
     t = table.set_index("toggle")
     a, b = t.loc[full], t.loc[without_last]
     red = a.k1 - b.k1
-    half = 1.96 * float(np.hypot(a.k1_se, b.k1_se))
+    if "k1_batches" in t.columns and isinstance(a.k1_batches, tuple) and len(a.k1_batches) > 1:
+        d = np.asarray(a.k1_batches) - np.asarray(b.k1_batches)
+        half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+        how = f"paired over {len(d)} batches"
+    else:
+        half = 1.96 * float(np.hypot(a.k1_se, b.k1_se))
+        how = "independent SEs"
     lo, hi = red - half, red + half
     if lo > 0:
         v = "not reproduced"
@@ -141,6 +154,6 @@ def last_layer_verdict(table: pd.DataFrame, *, full: str = "W8A8 (all linears)",
     else:
         v = "inconclusive"
     why = (f"k1 per token with every linear in W8A8 {a.k1:.2e} +- {a.k1_se:.1e} (SE), with the last layer in BF16 "
-           f"{b.k1:.2e} +- {b.k1_se:.1e}: reduction {red:+.2e} [{lo:+.2e}, {hi:+.2e}] (95 %), against half of the "
+           f"{b.k1:.2e} +- {b.k1_se:.1e}: reduction {red:+.2e} [{lo:+.2e}, {hi:+.2e}] (95 %, {how}), against half of the "
            f"full k1 ({a.k1 / 2:.2e}) that an even spread over the 2 layers would remove")
     return "Keeping the last layers in BF16 does not reduce the FP8 mismatch (NeMo-RL)", v, why

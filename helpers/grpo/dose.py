@@ -33,7 +33,7 @@ from helpers.grpo.pretrain import DEFAULT_CHECKPOINT, load_policy
 from helpers.grpo.trainer import GRPOConfig
 
 __all__ = ["DOSE_ARMS", "DOSE_SEEDS", "KV_SEEDS", "REFERENCE_ARM", "GATES", "dose_arms", "gate_runs",
-           "dose_response", "recovery_limits", "rollout_only", "gate_table", "kl_ordering", "ordering_verdicts"]
+           "dose_response", "recovery_limits", "rollout_only", "gate_table", "with_master_eval", "MASTER", "kl_ordering", "ordering_verdicts"]
 
 # (engine, corrections) of the grid; notebook 05's arms first (read from its cache).
 DOSE_ARMS: dict[str, tuple[str, ...]] = {
@@ -80,8 +80,8 @@ GATES = (
 # The per-step columns the committed table keeps (what the notebook's decisions read, plus reward and PPO clip), at
 # full precision (ESS sits within 1e-9 of 1 on the fp32 engine): the whole per-step log of 200+ runs is ~8 MB, this
 # ~2 MB.
-KEEP_COLUMNS = ("arm", "engine", "correction", "seed", "step", "eval/acc", "reward/mean", "mismatch/kl",
-                "mismatch/k3_kl", "mismatch/token_mult_prob_error", "mismatch/chi2_token", "mismatch/ess",
+KEEP_COLUMNS = ("arm", "engine", "correction", "seed", "step", "eval/acc", "eval/acc_master", "reward/mean",
+                "mismatch/kl", "mismatch/k3_kl", "mismatch/token_mult_prob_error", "mismatch/chi2_token", "mismatch/ess",
                 "mismatch/fraction_truncated", "actor/clipfrac", "correction/rejected_fraction_token",
                 "engine/trainer_code_mismatch")
 
@@ -89,6 +89,25 @@ KEEP_COLUMNS = ("arm", "engine", "correction", "seed", "step", "eval/acc", "rewa
 def dose_arms(grid: dict[str, tuple[str, ...]] = DOSE_ARMS) -> list[Arm]:
     """The arms of ``grid`` (engine -> corrections), in order."""
     return [Arm(e, c) for e, cs in grid.items() for c in cs]
+
+
+MASTER = "none_master"  # the correction label of the end-to-end arm re-scored on its fp32 master weights
+
+
+def with_master_eval(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` plus, for every arm that logged ``eval/acc_master`` (an FP8 end-to-end trainer), a copy of its rows
+    whose ``eval/acc`` is the master weights' accuracy: arm ``"<engine> / master weights"``, correction
+    :data:`MASTER`. Its loss is what training in FP8 costs; the arm's own loss adds what serving in W8A8 costs."""
+    if "eval/acc_master" not in df.columns:
+        return df
+    has = df.groupby("arm")["eval/acc_master"].transform(lambda x: x.notna().any())
+    extra = df[has & (df.correction == "none")].copy()
+    if extra.empty:
+        return df
+    extra["eval/acc"] = extra["eval/acc_master"]
+    extra["arm"] = extra["engine"] + " / master weights"
+    extra["correction"] = MASTER
+    return pd.concat([df, extra], ignore_index=True)
 
 
 def gate_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -141,15 +160,18 @@ def dose_response(runs: pd.DataFrame, reference: str = REFERENCE_ARM, metric: st
     out["mde"] = [paired_mde(sd, n, alpha=alpha / m) for sd, n in zip(out.sd, out.n)]
     none = out[out.correction == "none"].set_index("engine")
     base = none["loss"].where(none["verdict"] == "loss")  # a recovery needs a decided loss to recover
-    out["recovered"] = 1.0 - out["loss"] / out["engine"].map(base)
+    out["recovered"] = (1.0 - out["loss"] / out["engine"].map(base)).where(out.correction != MASTER)
     return out.sort_values(["correction", "kl_k1"]).reset_index(drop=True)
 
 
-def recovery_limits(dose: pd.DataFrame) -> pd.DataFrame:
+def recovery_limits(dose: pd.DataFrame, engines: Sequence[str] | None = None) -> pd.DataFrame:
     """Per correction of :func:`dose_response`'s table, ordered by measured k1: the largest k1 at which the arm is
     shown to lose less than the margin (``last_no_loss_k1``: equivalence decided), the smallest at which a loss is decided
     (``first_loss_k1``, with its engine) - where the correction stops recovering the loss - and the engines
-    tested."""
+    tested. ``engines`` restricts the table (the notebook passes the rollout-only engines: an FP8 trainer's loss
+    is not the rollout mismatch's)."""
+    if engines is not None:
+        dose = dose[dose.engine.isin(list(engines))]
     rows = []
     for corr, g in dose.groupby("correction", sort=False):
         g = g.sort_values("kl_k1")
@@ -261,8 +283,18 @@ def ordering_verdicts(order: pd.DataFrame, dose: pd.DataFrame, *, e2e: str = "fp
                 f"{bf16} {b.loss:+.4f} [{b.low:+.4f}, {b.high:+.4f}] ({b.verdict}); n {int(a.n)}, margin {MARGIN}")
     else:
         v2, why2 = "not testable here", "the end-to-end or BF16 arm did not run"
-    return [("The mismatch KL orders FP8 rollout-only > FP8 end to end > BF16", v1, "; ".join(why)),
-            ("FP8 end to end learns like the zero-mismatch engine, as BF16 does", v2, why2)]
+    out = [("The mismatch KL orders FP8 rollout-only > FP8 end to end > BF16", v1, "; ".join(why)),
+           ("FP8 end to end, served in W8A8, learns like the zero-mismatch engine, as BF16 does", v2, why2)]
+    master = e2e.split(" / ")[0] + " / master weights"
+    if master in d.index and bf16 in d.index:
+        a, b = d.loc[master], d.loc[bf16]
+        v3 = ("reproduced" if a.verdict == "within margin" and b.verdict == "within margin"
+              else "not reproduced" if a.verdict == "loss" and b.verdict != "loss" else "inconclusive")
+        out.append(("FP8 end-to-end training (its fp32 master weights, evaluated unquantized) learns like the "
+                    "zero-mismatch engine", v3,
+                    f"loss vs the zero-mismatch engine: {master} {a.loss:+.4f} [{a.low:+.4f}, {a.high:+.4f}] "
+                    f"({a.verdict}); {bf16} {b.loss:+.4f} ({b.verdict}); n {int(a.n)}, margin {MARGIN}"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,7 +53,7 @@ from helpers.kvcache.fake import FakeFp8KVCache
 from helpers.models.decoder import Decoder, GenerationOutput
 
 __all__ = ["EngineConfig", "RolloutEngine", "ENGINE_DTYPE", "WeightSyncAuditError", "FP8_LAYER_GROUPS", "KV_QUANT",
-           "fp8_skip", "prepare_trainer", "noise_k1"]
+           "fp8_skip", "prepare_trainer", "noise_k1", "noise_marginal_kl"]
 
 # The engine's high-precision dtype (what veRL's vLLM rollout runs in): bf16, also for the "BF16 rollout" arm.
 ENGINE_DTYPE = torch.bfloat16
@@ -168,6 +168,22 @@ def prepare_trainer(trainer: torch.nn.Module, cfg: EngineConfig) -> torch.nn.Mod
         fake_quantize_model(trainer, skip=fp8_skip(cfg.fp8_layers, trainer.cfg.n_layer), block_size=cfg.block_size,
                             scale_fmt=cfg.scale_fmt, weight_src=cfg.trainer_weight_src)
     return trainer
+
+
+def noise_marginal_kl(logits: torch.Tensor, sigma: float, temperature: float = 1.0, *, draws: int = 256,
+                      generator: torch.Generator | None = None) -> float:
+    """KL(q_bar || p) per row, averaged over the rows of the trainer's logits ``[N, V]``, where ``q_bar =
+    E_e softmax((z + s e) / T)`` (Monte Carlo over ``draws`` noise draws) is the distribution a logit-noise engine
+    samples from *on average*. The engine records each draw's own log-prob (as a nondeterministic engine does), so
+    the k1 it reports is ``E_e KL(softmax((z + s e) / T) || p)`` (:func:`noise_k1`), larger by Jensen's inequality:
+    this is the mismatch of the behaviour policy marginalised over the noise."""
+    p_log = torch.log_softmax(logits.float() / temperature, -1)
+    q = torch.zeros_like(p_log)
+    for _ in range(draws):
+        e = torch.randn(logits.shape, generator=generator)
+        q += torch.softmax((logits.float() + sigma * e) / temperature, -1)
+    q /= draws
+    return float((q * (q.clamp_min(1e-30).log() - p_log)).sum(-1).mean())
 
 
 def noise_k1(logits: torch.Tensor, sigma: float, temperature: float = 1.0) -> float:

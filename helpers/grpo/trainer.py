@@ -188,12 +188,15 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
              on_sync: Callable[[int, Decoder, RolloutEngine], None] | None = None) -> list[dict[str, float]]:
     """Train a copy of ``policy`` with GRPO from rollouts of an engine ``engine_cfg``; returns one metrics dict
     per step (names ``reward/...``, ``mismatch/...``, ``correction/...``, ``actor/...``, ``time/...``,
-    ``engine/...``, ``eval/acc`` every ``eval_every`` steps and after the last).
+    ``engine/...``, ``eval/acc`` every ``eval_every`` steps and after the last; with an FP8 (end-to-end) trainer also
+    ``eval/acc_master``: its fp32 master weights evaluated without quantization on the same draws, which separates
+    what serving the policy in W8A8 costs from what training it in FP8 costs).
 
     ``on_sync(step, trainer, engine)``, if given, is called after every weight sync (tests check the engine's
     weights there)."""
     torch.manual_seed(seed)
     trainer = prepare_trainer(_copy_policy(policy), engine_cfg)  # FP8 end to end: the trainer's W8A8 forward
+    fp8_trainer = engine_cfg.trainer == "fp8"
     opt = torch.optim.AdamW(trainer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_rows = cfg.n_prompts * cfg.group_size
     a_len = task.answer_len(cfg.n_digits)
@@ -209,6 +212,8 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
         row: dict[str, float] = {"step": float(step)}
         if cfg.eval_every and step % cfg.eval_every == 0:
             row["eval/acc"] = evaluate_policy(trainer, cfg, seed, step)  # outside the step's timed phases
+            if fp8_trainer:
+                row["eval/acc_master"] = evaluate_policy(_master(trainer), cfg, seed, step)
         t_step = time.perf_counter()
         # 1-2. paired prompts, rollout
         prompt_g = torch.Generator().manual_seed(seed * 100_003 + step)
@@ -287,7 +292,17 @@ def run_grpo(policy: Decoder, engine_cfg: EngineConfig, correction: Correction, 
         history.append(row)
     if cfg.eval_every:
         history[-1]["eval/acc"] = evaluate_policy(trainer, cfg, seed, cfg.steps)
+        if fp8_trainer:
+            history[-1]["eval/acc_master"] = evaluate_policy(_master(trainer), cfg, seed, cfg.steps)
     return history
+
+
+def _master(trainer: Decoder) -> Decoder:
+    """The trainer's fp32 master weights in a plain (unquantized) decoder; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        model = Decoder(trainer.cfg)
+    model.load_state_dict(trainer.state_dict())
+    return model.eval()
 
 
 def _copy_policy(policy: Decoder) -> Decoder:
