@@ -75,8 +75,14 @@ def test_gradient_reaches_the_fp32_master_and_the_optimizer_moves_it():
     assert set(fake_quant_linears(model)) == {"0", "2"}
     assert model[0].weight.dtype == torch.float32
     model(torch.randn(5, 64)).square().mean().backward()
+    q_before = model[0].quantized_weight()[0].clone()
     opt.step()
     assert not torch.equal(model[0].weight.detach(), before)
+    # the cached quantized weight follows the update (the optimizer's in-place step bumps the weight's version)
+    q, s = model[0].quantized_weight()
+    q2, s2 = quant_weight(model[0].weight.detach(), (32, 32), backend="torch")
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+    assert not torch.equal(q.view(torch.uint8), q_before.view(torch.uint8))
 
 
 def test_skip_rule_and_errors():

@@ -43,12 +43,11 @@ class _BlockFp8LinearSTE(torch.autograd.Function):
     """``y = blockFP8(x) @ blockFP8(w).T`` forward; straight-through backward (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, block_size: tuple[int, int], scale_fmt: str,
-                weight_src: str, backend: str) -> torch.Tensor:
-        bn, bk = block_size
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                block_size: tuple[int, int], scale_fmt: str, backend: str) -> torch.Tensor:
+        bk = block_size[1]
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.detach().reshape(-1, k)
-        qw, sw = quant_weight(_weight_source(w, weight_src), block_size, scale_fmt=scale_fmt, backend=backend)
         qx, sx = quant_act(x2, bk, scale_fmt=scale_fmt, backend=backend)
         y = block_fp8_matmul(qx, sx, qw, sw, block_size=block_size, out_dtype=x.dtype, backend=backend)
         ctx.save_for_backward(qx, sx, qw, sw)
@@ -71,7 +70,7 @@ class _BlockFp8LinearSTE(torch.autograd.Function):
             grad_x = (g2 @ w_deq).to(x_dtype).reshape(*lead, k)
         if ctx.needs_input_grad[1]:
             grad_w = g2.T @ x_deq
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class Fp8FakeQuantLinear(nn.Linear):
@@ -92,6 +91,9 @@ class Fp8FakeQuantLinear(nn.Linear):
         if weight_src not in WEIGHT_SOURCES:
             raise ValueError(f"weight_src must be one of {WEIGHT_SOURCES}, got {weight_src!r}")
         self.weight_src, self.backend = weight_src, backend
+        # The quantized weight, reused until the weight changes (an optimizer step bumps its _version): a decode
+        # loop calls the forward once per token with the same weight.
+        self._q_cache: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> "Fp8FakeQuantLinear":
@@ -107,15 +109,19 @@ class Fp8FakeQuantLinear(nn.Linear):
     @torch.no_grad()
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The FP8 codes float8_e4m3fn [N, K] and ``weight_scale_inv`` fp32 [ceil(N/bn), ceil(K/bk)] the forward
-        multiplies with - what the engine's weight sync writes for the same weight."""
-        return quant_weight(_weight_source(self.weight, self.weight_src), self.weight_block_size,
-                            scale_fmt=self.scale_fmt, backend=self.backend)
+        multiplies with - what the engine's weight sync writes for the same weight (cached until it changes)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._q_cache is None or self._q_cache[0] != key:
+            q = quant_weight(_weight_source(self.weight, self.weight_src), self.weight_block_size,
+                             scale_fmt=self.scale_fmt, backend=self.backend)
+            self._q_cache = (key, q)
+        return self._q_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dim in_features={self.in_features}, got shape {tuple(x.shape)}")
-        y = _BlockFp8LinearSTE.apply(x, self.weight, self.weight_block_size, self.scale_fmt, self.weight_src,
-                                     self.backend)
+        qw, sw = self.quantized_weight()
+        y = _BlockFp8LinearSTE.apply(x, self.weight, qw, sw, self.weight_block_size, self.scale_fmt, self.backend)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
