@@ -33,6 +33,19 @@ def test_plans_cover_the_issue_and_share_cartpole_runs():
         campaign.plan_runs(["atari"])
 
 
+def test_plans_filtered_by_game_and_method():
+    games = campaign.plan_runs(["games"])
+    one = campaign.plan_runs(["games"], envs=["Acrobot-v1"], methods=["DDQN"])
+    assert one == [s for s in games if s.env_id == "Acrobot-v1" and s.method == "DDQN"] and len(one) == 20
+    two = campaign.plan_runs(["games"], envs=["CartPole-v1", "MountainCar-v0"])
+    assert {(s.env_id, s.method) for s in two} == {(e, m) for e in ("CartPole-v1", "MountainCar-v0")
+                                                    for m in ("DDQN", "M2DQN")}
+    with pytest.raises(ValueError, match="envs must name some of"):
+        campaign.plan_runs(["games"], envs=["Pong-v5"])
+    with pytest.raises(ValueError, match="methods must name some of"):
+        campaign.plan_runs(["games"], methods=["DDQN PER"])  # a CartPole control is not in the games plan
+
+
 def test_runs_are_saved_one_file_each_and_skipped_on_restart(tmp_path, tiny_plan, monkeypatch):
     out = tmp_path / "study"
     first = campaign.run_campaign(out, ["tiny"], **TINY)
@@ -94,6 +107,9 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "160 runs planned, 0 done, 160 to train in 16 tasks" in text and "MountainCar-v0" in text
     assert not (tmp_path / "protocol.json").exists()  # a dry run writes nothing
+    assert campaign.main(["--plan", "games", "--env", "Acrobot-v1", "--method", "M2DQN", "--out", str(tmp_path),
+                          "--dry-run"]) == 0
+    assert "20 runs planned, 0 done, 20 to train in 2 tasks" in capsys.readouterr().out
     assert campaign.main(["--plan", "games", "--out", str(tmp_path), "--steps-scale", "2", "--dry-run"]) == 2
     assert "steps_scale must be in (0, 1]" in capsys.readouterr().err
     est = campaign.estimate_core_hours(campaign.pending_tasks(tmp_path, campaign.plan_runs(["games"]),

@@ -8,6 +8,7 @@ refused (runs under two protocols never mix in one directory)::
 
     python -m helpers.m2dqn.campaign --plan cartpole games --out results/04_m2dqn_study [--executor ray] [--jobs 2]
     python -m helpers.m2dqn.campaign --plan games --out results/04_m2dqn_study --dry-run   # what is left, its cost
+    python -m helpers.m2dqn.campaign --plan games --env Acrobot-v1 --method DDQN --out results/04_m2dqn_study
 
 **Learning-rate protocol** (fixed before the runs): every arm trains at rl-baselines3-zoo's tuned rate for the game
 (``hyperparams/dqn.yml``), SB3's reference included; the sensitivity pair, DDQN and M2DQN both at half that rate, runs
@@ -81,15 +82,27 @@ class RunSpec:
         return Path(out) / "runs" / self.env_id / slug / f"seed_{self.seed:03d}.json.gz"
 
 
-def plan_runs(plans: Sequence[str]) -> list[RunSpec]:
-    """Every run of the named plans (``PLANS``), each once (the plans share CartPole's DDQN and M2DQN seeds)."""
+def plan_runs(plans: Sequence[str], envs: Sequence[str] | None = None,
+              methods: Sequence[str] | None = None) -> list[RunSpec]:
+    """Every run of the named plans (``PLANS``), each once (the plans share CartPole's DDQN and M2DQN seeds);
+    ``envs`` / ``methods``: only these games / methods (None: all). Training a subset first lets whole games (or
+    arms) finish in one sitting."""
     unknown = sorted(set(plans) - set(PLANS))
     if unknown or not plans:
         raise ValueError(f"plans must name some of {sorted(PLANS)}, got {list(plans)!r}")
+    if envs is not None and (not envs or set(envs) - set(GAMES)):
+        raise ValueError(f"envs must name some of {list(GAMES)}, got {list(envs)!r}")
+    known = {m for name in plans for _, ms, _, _ in PLANS[name] for m in ms}
+    if methods is not None and (not methods or set(methods) - known):
+        raise ValueError(f"methods must name some of {sorted(known)}, got {list(methods)!r}")
     out: dict[RunSpec, None] = {}
     for name in plans:
-        for env, methods, factor, seeds in PLANS[name]:
-            for m in methods:
+        for env, arm_methods, factor, seeds in PLANS[name]:
+            if envs is not None and env not in envs:
+                continue
+            for m in arm_methods:
+                if methods is not None and m not in methods:
+                    continue
                 for s in seeds:
                     out[RunSpec(env, m, float(factor), int(s))] = None
     return list(out)
@@ -159,7 +172,8 @@ def _save_arm(out: Path, cfg: dict[str, Any], factor: float, method: str, res: d
         atomic_write_bytes(spec.path(out), gzip.compress(json.dumps(doc, default=float).encode(), mtime=0))
 
 
-def run_campaign(out: str | Path, plans: Sequence[str], *, executor: str | None = None, jobs: int = 2,
+def run_campaign(out: str | Path, plans: Sequence[str], *, envs: Sequence[str] | None = None,
+                 methods: Sequence[str] | None = None, executor: str | None = None, jobs: int = 2,
                  steps_scale: float = 1.0, seeds_per_task: int = 10, num_batches: int = 2, tilt: float = 10.0,
                  decisions: Decisions = Decisions(), progress: bool = True) -> dict[str, int]:
     """Train every missing run of ``plans`` into ``out`` (see the module docstring); each finished arm's runs are
@@ -167,7 +181,7 @@ def run_campaign(out: str | Path, plans: Sequence[str], *, executor: str | None 
     out = Path(out)
     proto = protocol(steps_scale=steps_scale, num_batches=num_batches, tilt=tilt, seeds_per_task=seeds_per_task,
                      decisions=decisions)
-    specs = plan_runs(plans)
+    specs = plan_runs(plans, envs, methods)
     groups = _pending_groups(out, specs, proto["seeds_per_task"])
     tasks = [_arm_cfg(env, method, factor, seeds, proto) for env, method, factor, seeds in groups]
     done_before = sum(s.path(out).exists() for s in specs)
@@ -224,6 +238,8 @@ def estimate_core_hours(tasks: Sequence[dict[str, Any]]) -> pd.DataFrame:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.m2dqn.campaign", description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", nargs="+", required=True, choices=sorted(PLANS), help="which runs")
+    p.add_argument("--env", nargs="+", choices=GAMES, default=None, help="only these games (default: all)")
+    p.add_argument("--method", nargs="+", default=None, help="only these methods (default: all of the plans')")
     p.add_argument("--out", required=True, help="study directory (runs/ and protocol.json)")
     p.add_argument("--executor", choices=EXECUTORS, default=None,
                    help="local process pool or Ray (default: $HELPERS_EXECUTOR, else local)")
@@ -234,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         proto = protocol(steps_scale=a.steps_scale, seeds_per_task=a.seeds_per_task)
-        specs = plan_runs(a.plan)
+        specs = plan_runs(a.plan, a.env, a.method)
         tasks = pending_tasks(a.out, specs, proto)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -248,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.dry_run or not tasks:
         return 0
     try:
-        counts = run_campaign(a.out, a.plan, executor=a.executor, jobs=a.jobs, steps_scale=a.steps_scale,
+        counts = run_campaign(a.out, a.plan, envs=a.env, methods=a.method, executor=a.executor, jobs=a.jobs, steps_scale=a.steps_scale,
                               seeds_per_task=a.seeds_per_task)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
