@@ -117,3 +117,40 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     # M2DQN (M = 2) costs about twice DDQN per game
     ratio = est.set_index(["env_id", "method"]).core_hours
     np.testing.assert_allclose(ratio.xs("M2DQN", level=1) / ratio.xs("DDQN", level=1), 2.0, rtol=0.02)
+
+
+def test_a_notebook_grid_reads_the_arms_the_study_trained_exactly(tmp_path, tiny_plan, monkeypatch):
+    out = tmp_path / "study"
+    campaign.run_campaign(out, ["tiny"], **TINY)
+    proto = json.loads((out / "protocol.json").read_text())
+    same = campaign._arm_cfg("CartPole-v1", "M2DQN", 1.0, [1, 2], proto)  # seed group 1-2: trained as the study did
+    sens = campaign._arm_cfg("CartPole-v1", "DDQN", 0.5, [1, 2], proto)
+    # half a batched group (rounds differently), other settings: trained here
+    subset = {**campaign._arm_cfg("CartPole-v1", "DDQN", 1.0, [1], proto), "method": "DDQN seed 1"}
+    other = {**campaign._arm_cfg("CartPole-v1", "DDQN", 1.0, [1, 2], proto), "eval_episodes": 3, "method": "DDQN 3"}
+    arms = [same, sens, subset, other]
+    keys = [("M2DQN", 1.0), ("DDQN", 0.5), ("DDQN", 1.0), ("DDQN", 1.0)]
+    fresh = grid.run_grid(arms[:2], jobs=1, progress=False)  # what training them here gives
+
+    trained = []
+    real = grid.run_grid
+
+    def counting(arms, **kw):
+        trained.extend(a["method"] for a in arms)
+        return real(arms, **kw)
+
+    monkeypatch.setattr(grid, "run_grid", counting)
+    tables, read = campaign.train_or_read(arms, keys, out, jobs=1, progress=False)
+    assert read == [True, True, False, False] and len(trained) == 2
+    for name in ("episodes", "evals", "losses"):
+        got = tables[name][tables[name].method.isin([same["method"], sens["method"]])].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, fresh[name], check_dtype=False)  # read == trained, value for value
+    assert tables["metrics"].groupby("method", sort=False).size().to_dict() == {
+        "M2DQN": 2, "DDQN @ lr x0.5": 2, "DDQN seed 1": 1, "DDQN 3": 2}
+    # no study, or a different one: everything trains
+    assert campaign.train_or_read(arms[:1], keys[:1], None, jobs=1, progress=False)[1] == [False]
+    assert campaign.study_arm(tmp_path / "none", same, "M2DQN", 1.0) is None
+    with pytest.raises(ValueError, match="one \\(method, lr_factor\\) key per arm"):
+        campaign.train_or_read(arms, keys[:1], out)
+    with pytest.raises(ValueError, match="share an"):
+        campaign.train_or_read([same, same], keys[:1] * 2, out)

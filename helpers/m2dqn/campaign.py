@@ -24,7 +24,7 @@ import argparse
 import gzip
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,7 +38,7 @@ from helpers.m2dqn.decide import Decisions
 from helpers.m2dqn.dqn import ENV_DEFAULTS, make_args
 
 __all__ = ["GAMES", "SENSITIVITY_FACTOR", "LR_PROTOCOL", "PLANS", "RunSpec", "plan_runs", "protocol", "pending_tasks",
-           "run_campaign", "load_runs", "core_hours", "estimate_core_hours", "main"]
+           "run_campaign", "load_runs", "study_arm", "train_or_read", "core_hours", "estimate_core_hours", "main"]
 
 GAMES = ("CartPole-v1", "Acrobot-v1", "LunarLander-v3", "MountainCar-v0")
 # The sensitivity pair's learning rate, as a multiple of the zoo's: the factor the earlier 2-seed sweep picked for
@@ -197,23 +197,93 @@ def run_campaign(out: str | Path, plans: Sequence[str], *, envs: Sequence[str] |
             "trained": sum(len(t["seeds"]) for t in tasks)}
 
 
+def _read_run(path: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """One run file: its ``episodes`` / ``evals`` / ``losses`` tables and its metrics row, tagged with env, arm
+    label (``method``) and seed."""
+    doc = json.loads(gzip.decompress(path.read_bytes()))
+    sp = doc["spec"]
+    tag = {"env_id": sp["env_id"], "method": sp["arm"], "seed": sp["seed"]}
+    tables = {name: pd.DataFrame(doc[name]).assign(**tag) for name in ("episodes", "evals", "losses")}
+    return tables, {**doc["metrics"], **tag, "lr_factor": sp["lr_factor"]}
+
+
+def _concat(runs: list[tuple[dict[str, pd.DataFrame], dict[str, Any]]]) -> dict[str, pd.DataFrame]:
+    if not runs:
+        return {name: pd.DataFrame(columns=["env_id", "method", "seed"])
+                for name in ("episodes", "evals", "losses", "metrics")}
+    return {name: pd.concat([t[name] for t, _ in runs], ignore_index=True)
+            for name in ("episodes", "evals", "losses")} | {"metrics": pd.DataFrame([m for _, m in runs])}
+
+
 def load_runs(out: str | Path) -> dict[str, pd.DataFrame]:
     """Every run file under ``<out>/runs`` as :func:`helpers.m2dqn.grid.run_grid`'s tables (``episodes``,
     ``evals``, ``losses``, ``metrics``), ``method`` = the arm label (:attr:`RunSpec.arm`), plus ``lr_factor`` in
     ``metrics``. Empty tables when there is none."""
-    files = sorted((Path(out) / "runs").glob("*/*/seed_*.json.gz"))
-    tables: dict[str, list] = {"episodes": [], "evals": [], "losses": [], "metrics": []}
-    for f in files:
-        doc = json.loads(gzip.decompress(f.read_bytes()))
-        sp = doc["spec"]
-        tag = {"env_id": sp["env_id"], "method": sp["arm"], "seed": sp["seed"]}
-        for name in ("episodes", "evals", "losses"):
-            tables[name].append(pd.DataFrame(doc[name]).assign(**tag))
-        tables["metrics"].append({**doc["metrics"], **tag, "lr_factor": sp["lr_factor"]})
-    return {name: (pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=["env_id", "method", "seed"]))
-            for name, v in tables.items() if name != "metrics"} | {
-        "metrics": pd.DataFrame(tables["metrics"]) if tables["metrics"] else pd.DataFrame(
-            columns=["env_id", "method", "seed"])}
+    return _concat([_read_run(f) for f in sorted((Path(out) / "runs").glob("*/*/seed_*.json.gz"))])
+
+
+def _settings(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What decides an arm's runs besides its seeds: the trainer and every resolved ``make_args`` field."""
+    env_id, _, kw = grid.resolve(cfg)
+    return cfg.get("trainer", "batched"), asdict(make_args(env_id, **kw))
+
+
+def study_arm(out: str | Path, arm: dict[str, Any], method: str, lr_factor: float) -> dict[str, pd.DataFrame] | None:
+    """The runs of ``arm`` (a :func:`helpers.m2dqn.grid.run_grid` arm of ``method`` at ``lr_factor`` x the zoo's
+    rate) read from the study in ``out``, as ``run_grid``'s tables - or None unless the study trained them exactly
+    as ``run_grid`` would: every seed's file present, the same trainer and resolved settings (budget, rate,
+    evaluation, M, ...), and, for the batched trainer (whose stacked matmuls round each seed by its batch), the arm's
+    seeds one whole seed group of the study (SB3's reference trains seed by seed: any subset)."""
+    path = Path(out) / "protocol.json"
+    if not path.exists():
+        return None
+    proto = json.loads(path.read_text())
+    seeds = sorted(int(s) for s in arm["seeds"])
+    specs = [RunSpec(arm["env_id"], method, float(lr_factor), s) for s in seeds]
+    if not all(sp.path(out).exists() for sp in specs):
+        return None
+    try:
+        mine = _settings(arm)
+        theirs = _settings(_arm_cfg(arm["env_id"], method, float(lr_factor), seeds, proto))
+    except (KeyError, ValueError):  # a method or env this study's protocol cannot express
+        return None
+    if mine != theirs:
+        return None
+    k = int(proto["seeds_per_task"])
+    one_group = seeds == list(range(seeds[0], seeds[0] + k)) and (seeds[0] - 1) % k == 0
+    if mine[0] == "batched" and not one_group:
+        return None
+    runs = [_read_run(sp.path(out)) for sp in specs]
+    if any(m["method"] != arm["method"] for _, m in runs):  # the arm's label in the tables
+        return None
+    return _concat(runs)
+
+
+def train_or_read(arms: list[dict[str, Any]], keys: Sequence[tuple[str, float]], study: str | Path | None, *,
+                  jobs: int = 2, executor: str | None = None, progress: bool = True
+                  ) -> tuple[dict[str, pd.DataFrame], list[bool]]:
+    """:func:`helpers.m2dqn.grid.run_grid` over ``arms``, except that an arm whose runs the study in ``study``
+    holds exactly as it would train them (:func:`study_arm`; ``keys[i]`` = (method, lr factor) of ``arms[i]``) is
+    read, not retrained. Returns run_grid's tables (arms in order) and, per arm, whether it was read."""
+    if len(keys) != len(arms):
+        raise ValueError(f"one (method, lr_factor) key per arm: {len(keys)} keys for {len(arms)} arms")
+    labels = [(a["env_id"], a["method"]) for a in arms]
+    if len(set(labels)) != len(labels):  # the tables tell arms apart by (env_id, method) only
+        raise ValueError(f"two arms share an (env_id, method) label: {labels}")
+    read = [study_arm(study, a, m, f) if study else None for a, (m, f) in zip(arms, keys)]
+    todo = [a for a, r in zip(arms, read) if r is None]
+    trained = grid.run_grid(todo, jobs=jobs, executor=executor, progress=progress) if todo else None
+    parts: list[dict[str, pd.DataFrame]] = []
+    for a, r in zip(arms, read):
+        if r is not None:
+            parts.append(r)
+        else:
+            assert trained is not None
+            parts.append({name: t[(t.env_id == a["env_id"]) & (t.method == a["method"])]
+                          for name, t in trained.items()})
+    out = {name: pd.concat([p[name] for p in parts], ignore_index=True)
+           for name in ("episodes", "evals", "losses", "metrics")}
+    return out, [r is not None for r in read]
 
 
 def core_hours(metrics: pd.DataFrame) -> pd.DataFrame:
