@@ -153,3 +153,24 @@ def test_a_study_part_way_through_reads_as_pending_not_an_error():
     assert np.isnan(row.difference)
     agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=50)
     assert agg["games"] == [] and agg["verdict"] == "not testable here"
+
+
+def test_the_game_family_is_the_pre_registered_one_even_part_way_through():
+    """Two of four games finished: each is corrected for the four comparisons planned, not the two present, and the
+    pending games get a row that says so."""
+    rng = np.random.default_rng(4)
+    runs = _runs({(env, arm): 0.6 + (0.1 if arm == "M2DQN" else 0.0) + 0.03 * rng.standard_normal(8)
+                  for env in ("CartPole-v1", "MountainCar-v0") for arm in ("M2DQN", "DDQN")})
+    games = ["CartPole-v1", "Acrobot-v1", "LunarLander-v3", "MountainCar-v0"]
+    table = decide.per_game_table(runs, "M2DQN", "DDQN", games=games, n_boot=100)
+    assert list(table.env_id) == games and (table.confidence == stats.bonferroni_confidence(4)).all()
+    pending = table[table.env_id.isin(["Acrobot-v1", "LunarLander-v3"])]
+    assert (pending.verdict == "not testable here").all() and (pending.learned_reason == "no finished runs yet (pending)").all()
+    done = table[table.env_id.isin(["CartPole-v1", "MountainCar-v0"])]
+    assert (done.verdict == "reproduced").all()
+    # fewer comparisons, a narrower interval: correcting for 2 would have been the wrong (optimistic) family
+    two = decide.per_game_table(runs, "M2DQN", "DDQN", n_boot=100)
+    assert (two.diff_high - two.diff_low).mean() < (done.diff_high - done.diff_low).mean()
+    agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", games=games, n_boot=100)
+    assert agg["games"] == ["CartPole-v1", "MountainCar-v0"]
+    assert agg["excluded"] == {g: "0 runs of an arm so far, fewer than 5" for g in ("Acrobot-v1", "LunarLander-v3")}

@@ -199,15 +199,20 @@ def game_learned(runs: pd.DataFrame, env_id: str, level: float = LEARNED_LEVEL) 
 
 def per_game_table(runs: pd.DataFrame, primary: str, other: str, *, decisions: Decisions = Decisions(),
                    games: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One :func:`compare_arms` row per game (``env_id`` first), Bonferroni-corrected over the games compared, plus
-    ``learned`` / ``learned_reason`` (:func:`game_learned`)."""
+    """One :func:`compare_arms` row per game (``env_id`` first), Bonferroni-corrected over ``games`` (the
+    pre-registered family: pass it, so that a study part-way through corrects for every game it will compare; default
+    the games in ``runs``), plus ``learned`` / ``learned_reason`` (:func:`game_learned`). A game without runs yet
+    gets a ``not testable here`` row."""
     games = sorted(runs.env_id.unique()) if games is None else list(games)
     if not games:
         raise ValueError("games must name at least one env")
     rows = []
     for k, env in enumerate(games):
         sub = runs[runs.env_id == env]
-        learned, why = game_learned(sub, env)
+        if sub.empty:
+            learned, why = None, "no finished runs yet (pending)"
+        else:
+            learned, why = game_learned(sub, env)
         rows.append({"env_id": env, **compare_arms(sub, primary, other, decisions=decisions,
                                                    n_comparisons=len(games), n_boot=n_boot, seed=seed + k),
                      "learned": learned, "learned_reason": why})
