@@ -111,6 +111,10 @@ def test_aggregate_uses_the_common_seeds_and_skips_games_with_too_few():
                   ("LunarLander-v3", "M2DQN"): np.full(3, 0.9), ("LunarLander-v3", "DDQN"): np.full(3, 0.5)})
     agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", n_boot=50)
     assert agg["games"] == ["Acrobot-v1", "CartPole-v1"] and agg["seeds"] == [1, 2, 3, 4, 5, 6]
+    assert agg["verdict"] == "reproduced"
+    one = decide.aggregate_across_games(runs[runs.env_id != "Acrobot-v1"], "M2DQN", "DDQN", n_boot=50)
+    assert one["games"] == ["CartPole-v1"] and one["verdict"] == "not testable here"
+    assert "no claim across games" in one["outcome"] and np.isfinite(one["difference"])
     assert agg["excluded"] == {"LunarLander-v3": "3 runs of an arm so far, fewer than 5"}
     assert agg["n_primary"] == 6
 

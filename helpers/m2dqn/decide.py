@@ -221,11 +221,12 @@ def per_game_table(runs: pd.DataFrame, primary: str, other: str, *, decisions: D
 
 def aggregate_across_games(runs: pd.DataFrame, primary: str, other: str, *, decisions: Decisions = Decisions(),
                            games: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
-                           ) -> dict[str, Any]:
+                           min_games: int = 2) -> dict[str, Any]:
     """The multi-game claim: :func:`compare_arms` over the pooled runs of the games that some arm learns and that
     hold ``min_seeds`` runs of both arms (one comparison, at ``family_confidence``), on the seeds every pooled game
     and arm has (rliable's ``[runs, games]`` layout needs the same count everywhere). Adds ``games`` (pooled),
-    ``seeds`` (used) and ``excluded`` (``{env: reason}``)."""
+    ``seeds`` (used) and ``excluded`` (``{env: reason}``). Fewer than ``min_games`` pooled games: the statistics,
+    but verdict ``not testable here`` (a claim across games needs more than one)."""
     games = sorted(runs.env_id.unique()) if games is None else list(games)
     included, excluded = [], {}
     for env in games:
@@ -242,6 +243,9 @@ def aggregate_across_games(runs: pd.DataFrame, primary: str, other: str, *, deci
     pool = runs[runs.env_id.isin(included) & runs.method.isin([primary, other])]
     seeds = sorted(set.intersection(*(set(g.seed) for _, g in pool.groupby(["env_id", "method"]))))
     out = compare_arms(pool[pool.seed.isin(seeds)], primary, other, decisions=decisions, n_boot=n_boot, seed=seed)
+    if len(included) < min_games:  # one game is that game's comparison, not a claim across games
+        out = {**out, "outcome": f"{len(included)} game pooled, fewer than {min_games}: no claim across games",
+               "verdict": "not testable here"}
     return {**out, "games": included, "seeds": seeds, "excluded": excluded}
 
 
