@@ -178,3 +178,27 @@ def test_the_game_family_is_the_pre_registered_one_even_part_way_through():
     agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", games=games, n_boot=100)
     assert agg["games"] == ["CartPole-v1", "MountainCar-v0"]
     assert agg["excluded"] == {g: "0 runs of an arm so far, fewer than 5" for g in ("Acrobot-v1", "LunarLander-v3")}
+
+
+def test_an_interim_look_shows_statistics_but_decides_nothing():
+    """Planned: 20 runs per game and arm. CartPole complete, MountainCar at 10 of 20, Acrobot not started: CartPole's
+    row decides, MountainCar's is an interim look, and the aggregate pools CartPole alone without a verdict."""
+    rng = np.random.default_rng(5)
+    spec = {("CartPole-v1", arm): 0.6 + (0.15 if arm == "M2DQN" else 0.0) + 0.03 * rng.standard_normal(20)
+            for arm in ("M2DQN", "DDQN")}
+    spec |= {("MountainCar-v0", arm): 0.5 + (0.15 if arm == "M2DQN" else 0.0) + 0.03 * rng.standard_normal(10)
+             for arm in ("M2DQN", "DDQN")}
+    runs = _runs(spec)
+    games = ["CartPole-v1", "Acrobot-v1", "MountainCar-v0"]
+    table = decide.per_game_table(runs, "M2DQN", "DDQN", games=games, planned_runs=20, n_boot=100).set_index("env_id")
+    assert table.loc["CartPole-v1", "verdict"] == "reproduced"
+    mc = table.loc["MountainCar-v0"]
+    assert mc.verdict == "not testable here" and mc.outcome == "interim (10 of 20 planned runs per arm): better"
+    assert np.isfinite(mc.difference)  # the statistics of the look are still shown
+    agg = decide.aggregate_across_games(runs, "M2DQN", "DDQN", games=games, planned_runs=20, n_boot=100)
+    assert agg["games"] == ["CartPole-v1"] and agg["interim"] and agg["verdict"] == "not testable here"
+    assert agg["excluded"]["MountainCar-v0"] == "pending: 10 of 20 planned runs of an arm so far"
+    assert agg["outcome"].startswith("interim, Acrobot-v1, MountainCar-v0 pending")
+    done = decide.aggregate_across_games(runs[runs.seed <= 10], "M2DQN", "DDQN", games=games[::2], planned_runs=10,
+                                         n_boot=100)
+    assert not done["interim"] and done["verdict"] == "reproduced" and len(done["games"]) == 2

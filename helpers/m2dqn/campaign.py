@@ -37,7 +37,7 @@ from helpers.m2dqn import grid
 from helpers.m2dqn.decide import Decisions
 from helpers.m2dqn.dqn import ENV_DEFAULTS, make_args
 
-__all__ = ["GAMES", "SENSITIVITY_FACTOR", "LR_PROTOCOL", "PLANS", "RunSpec", "plan_runs", "protocol", "pending_tasks",
+__all__ = ["GAMES", "GAME_SEEDS", "SENSITIVITY_FACTOR", "LR_PROTOCOL", "PLANS", "RunSpec", "plan_runs", "protocol", "pending_tasks",
            "run_campaign", "load_runs", "study_arm", "train_or_read", "core_hours", "estimate_core_hours", "main"]
 
 GAMES = ("CartPole-v1", "Acrobot-v1", "LunarLander-v3", "MountainCar-v0")
@@ -47,12 +47,14 @@ SENSITIVITY_FACTOR = 0.5
 LR_PROTOCOL = ("every arm at rl-baselines3-zoo's tuned learning rate for the game; sensitivity pair: DDQN and M2DQN "
                f"both at x{SENSITIVITY_FACTOR:g} that rate on the same CartPole-v1 seeds; no rate chosen from the "
                "evaluation runs")
+# Seeds per game and arm of the games plan (sized for a per-game SD of ~0.09, a +0.05 effect, 4 comparisons, 80% power)
+GAME_SEEDS = 20
 CARTPOLE_METHODS = ("SB3 DQN", "DQN", "DDQN", "M2DQN", "DDQN batch MB", "DDQN M steps", "DDQN PER", "M2DQN tilted")
 # (env, methods, lr factor, seeds) per plan.
 PLANS: dict[str, list[tuple[str, tuple[str, ...], float, tuple[int, ...]]]] = {
     "cartpole": [("CartPole-v1", CARTPOLE_METHODS, 1.0, tuple(range(1, 11))),
                  ("CartPole-v1", ("DDQN", "M2DQN"), SENSITIVITY_FACTOR, tuple(range(1, 11)))],
-    "games": [(env, ("DDQN", "M2DQN"), 1.0, tuple(range(1, 21))) for env in GAMES],
+    "games": [(env, ("DDQN", "M2DQN"), 1.0, tuple(range(1, GAME_SEEDS + 1))) for env in GAMES],
 }
 # Greedy evaluations per run (every total_steps / EVALS_PER_RUN env steps) and episodes per evaluation: notebook 04's
 # 2500-step interval on CartPole's 50k steps.

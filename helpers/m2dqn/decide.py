@@ -197,12 +197,19 @@ def game_learned(runs: pd.DataFrame, env_id: str, level: float = LEARNED_LEVEL) 
     return learned, reason
 
 
+def _counts(runs: pd.DataFrame, env: str, arms: Sequence[str]) -> list[int]:
+    return [int(((runs.env_id == env) & (runs.method == m)).sum()) for m in arms]
+
+
 def per_game_table(runs: pd.DataFrame, primary: str, other: str, *, decisions: Decisions = Decisions(),
-                   games: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+                   games: Sequence[str] | None = None, planned_runs: int | None = None, n_boot: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
     """One :func:`compare_arms` row per game (``env_id`` first), Bonferroni-corrected over ``games`` (the
     pre-registered family: pass it, so that a study part-way through corrects for every game it will compare; default
     the games in ``runs``), plus ``learned`` / ``learned_reason`` (:func:`game_learned`). A game without runs yet
-    gets a ``not testable here`` row."""
+    gets a ``not testable here`` row. ``planned_runs`` (the runs per game and arm planned in advance): a game with
+    fewer is an interim look - its statistics are shown, its verdict is ``not testable here`` until it is complete
+    (deciding at every look would inflate the error rate)."""
     games = sorted(runs.env_id.unique()) if games is None else list(games)
     if not games:
         raise ValueError("games must name at least one env")
@@ -213,25 +220,35 @@ def per_game_table(runs: pd.DataFrame, primary: str, other: str, *, decisions: D
             learned, why = None, "no finished runs yet (pending)"
         else:
             learned, why = game_learned(sub, env)
-        rows.append({"env_id": env, **compare_arms(sub, primary, other, decisions=decisions,
-                                                   n_comparisons=len(games), n_boot=n_boot, seed=seed + k),
-                     "learned": learned, "learned_reason": why})
+        row = compare_arms(sub, primary, other, decisions=decisions, n_comparisons=len(games), n_boot=n_boot,
+                           seed=seed + k)
+        have = min(_counts(runs, env, (primary, other)))
+        if planned_runs is not None and have < planned_runs and row["verdict"] != "not testable here":
+            row = {**row, "outcome": f"interim ({have} of {planned_runs} planned runs per arm): {row['outcome']}",
+                   "verdict": "not testable here"}
+        rows.append({"env_id": env, **row, "learned": learned, "learned_reason": why})
     return pd.DataFrame(rows)
 
 
 def aggregate_across_games(runs: pd.DataFrame, primary: str, other: str, *, decisions: Decisions = Decisions(),
-                           games: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
-                           min_games: int = 2) -> dict[str, Any]:
+                           games: Sequence[str] | None = None, planned_runs: int | None = None,
+                           n_boot: int = 2000, seed: int = 0, min_games: int = 2) -> dict[str, Any]:
     """The multi-game claim: :func:`compare_arms` over the pooled runs of the games that some arm learns and that
     hold ``min_seeds`` runs of both arms (one comparison, at ``family_confidence``), on the seeds every pooled game
     and arm has (rliable's ``[runs, games]`` layout needs the same count everywhere). Adds ``games`` (pooled),
     ``seeds`` (used) and ``excluded`` (``{env: reason}``). Fewer than ``min_games`` pooled games: the statistics,
-    but verdict ``not testable here`` (a claim across games needs more than one)."""
+    but verdict ``not testable here`` (a claim across games needs more than one). ``planned_runs``: a game with
+    fewer runs of an arm is pending and left out of the pool, and while any of ``games`` is pending the statistics
+    over the complete games are an interim look (``interim`` True), verdict ``not testable here``."""
     games = sorted(runs.env_id.unique()) if games is None else list(games)
-    included, excluded = [], {}
+    included, excluded, pending = [], {}, []
     for env in games:
         sub = runs[(runs.env_id == env) & runs.method.isin([primary, other])]
-        counts = [int((sub.method == m).sum()) for m in (primary, other)]
+        counts = _counts(runs, env, (primary, other))
+        if planned_runs is not None and min(counts) < planned_runs:
+            excluded[env] = f"pending: {min(counts)} of {planned_runs} planned runs of an arm so far"
+            pending.append(env)
+            continue
         if min(counts) < decisions.min_seeds:
             excluded[env] = f"{min(counts)} runs of an arm so far, fewer than {decisions.min_seeds}"
             continue
@@ -239,14 +256,17 @@ def aggregate_across_games(runs: pd.DataFrame, primary: str, other: str, *, deci
         (included.append(env) if learned else excluded.__setitem__(env, why))
     if not included:
         return {"vs": other, "games": [], "seeds": [], "excluded": excluded, "outcome": "no game to pool",
-                "verdict": "not testable here"}
+                "verdict": "not testable here", "interim": bool(pending)}
     pool = runs[runs.env_id.isin(included) & runs.method.isin([primary, other])]
     seeds = sorted(set.intersection(*(set(g.seed) for _, g in pool.groupby(["env_id", "method"]))))
     out = compare_arms(pool[pool.seed.isin(seeds)], primary, other, decisions=decisions, n_boot=n_boot, seed=seed)
-    if len(included) < min_games:  # one game is that game's comparison, not a claim across games
+    if pending:  # an interim look: decided when every planned game is in
+        out = {**out, "outcome": f"interim, {', '.join(pending)} pending: {out['outcome']}",
+               "verdict": "not testable here"}
+    elif len(included) < min_games:  # one game is that game's comparison, not a claim across games
         out = {**out, "outcome": f"{len(included)} game pooled, fewer than {min_games}: no claim across games",
                "verdict": "not testable here"}
-    return {**out, "games": included, "seeds": seeds, "excluded": excluded}
+    return {**out, "games": included, "seeds": seeds, "excluded": excluded, "interim": bool(pending)}
 
 
 def baseline_check(runs: pd.DataFrame, ours: str, reference: str, *, decisions: Decisions = Decisions(),
