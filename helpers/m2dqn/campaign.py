@@ -37,8 +37,9 @@ from helpers.m2dqn import grid
 from helpers.m2dqn.decide import Decisions
 from helpers.m2dqn.dqn import ENV_DEFAULTS, make_args
 
-__all__ = ["GAMES", "GAME_SEEDS", "SENSITIVITY_FACTOR", "LR_PROTOCOL", "PLANS", "RunSpec", "plan_runs", "protocol", "pending_tasks",
-           "run_campaign", "load_runs", "study_arm", "train_or_read", "core_hours", "estimate_core_hours", "main"]
+__all__ = ["GAMES", "GAME_SEEDS", "SENSITIVITY_FACTOR", "LR_PROTOCOL", "PLANS", "RunSpec", "plan_runs", "protocol",
+           "pending_tasks", "run_campaign", "load_runs", "study_arm", "train_or_read", "core_hours",
+           "estimate_core_hours", "main"]
 
 GAMES = ("CartPole-v1", "Acrobot-v1", "LunarLander-v3", "MountainCar-v0")
 # The sensitivity pair's learning rate, as a multiple of the zoo's: the factor the earlier 2-seed sweep picked for
@@ -336,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.dry_run or not tasks:
         return 0
     try:
-        counts = run_campaign(a.out, a.plan, envs=a.env, methods=a.method, executor=a.executor, jobs=a.jobs, steps_scale=a.steps_scale,
-                              seeds_per_task=a.seeds_per_task)
+        counts = run_campaign(a.out, a.plan, envs=a.env, methods=a.method, executor=a.executor, jobs=a.jobs,
+                              steps_scale=a.steps_scale, seeds_per_task=a.seeds_per_task)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
