@@ -103,6 +103,9 @@ def test_aggregate_pools_learned_games_and_leaves_out_the_rest():
     assert agg["poi"] == pytest.approx(learned_rows.poi.mean())
     assert agg["outcome"] == "better" and agg["verdict"] == "reproduced"
     assert (table.confidence == stats.bonferroni_confidence(4)).all()
+    # the sentence counts runs per game and games pooled (8 x 3 per arm), not 8 runs in all
+    assert agg["n_envs"] == 3 and "8 vs 8 runs per game x 3 games" in decide.describe(agg)
+    assert "8 vs 8 runs, pooled SD" in decide.describe(learned_rows.iloc[0].to_dict())
 
 
 def test_aggregate_uses_the_common_seeds_and_skips_games_with_too_few():

@@ -146,7 +146,8 @@ def compare_arms(runs: pd.DataFrame, primary: str, other: str, *, decisions: Dec
     """``primary`` against ``other`` on ``metric`` (default the primary metric) over every env in ``runs`` (a
     :func:`helpers.core.stats.per_run_table`; with several envs, the pooled IQM with a bootstrap stratified by env).
 
-    Returns a dict: ``arm`` (= ``primary``), ``vs``, ``metric``, ``n_primary`` / ``n_other`` (fewest runs per env), ``iqm_primary``,
+    Returns a dict: ``arm`` (= ``primary``), ``vs``, ``metric``, ``n_primary`` / ``n_other`` (runs per env),
+    ``n_envs`` (envs pooled), ``iqm_primary``,
     ``iqm_other``, ``difference``, ``diff_low``, ``diff_high`` (at the Bonferroni level ``confidence`` for
     ``n_comparisons``), ``poi`` / ``poi_low`` / ``poi_high`` (P(primary > other), mean over envs),
     ``pooled_sd`` (within env, both arms), ``mde`` (:func:`min_detectable_difference` at ``confidence``),
@@ -166,8 +167,8 @@ def compare_arms(runs: pd.DataFrame, primary: str, other: str, *, decisions: Dec
     x, y = stats.score_matrix(runs, primary, metric), stats.score_matrix(runs, other, metric)  # [runs, envs]
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"{primary!r} and {other!r} must cover the same envs, got {x.shape[1]} and {y.shape[1]}")
-    row: dict[str, Any] = {"arm": primary, "vs": other, "metric": metric, "n_primary": int(x.shape[0]), "n_other": int(y.shape[0]),
-                           "confidence": conf}
+    row: dict[str, Any] = {"arm": primary, "vs": other, "metric": metric, "n_primary": int(x.shape[0]),
+                           "n_other": int(y.shape[0]), "n_envs": int(x.shape[1]), "confidence": conf}
     if min(x.shape[0], y.shape[0]) < decisions.min_seeds:
         return {**row, **dict.fromkeys(nan_keys, float("nan")),
                 "outcome": NOT_ENOUGH.format(k=decisions.min_seeds), "verdict": "not testable here"}
@@ -289,10 +290,13 @@ def describe(row: dict[str, Any], primary: str = "M2DQN") -> str:
     when there are too few seeds (nothing else is printed below ``min_seeds``)."""
     if row["verdict"] == "not testable here" and not np.isfinite(row.get("difference", np.nan)):
         return f"{row['outcome']} ({row['n_primary']} vs {row['n_other']}): no interval reported"
+    n_envs = int(row.get("n_envs", 1))
+    runs = (f"{row['n_primary']} vs {row['n_other']} runs" if n_envs == 1 else
+            f"{row['n_primary']} vs {row['n_other']} runs per game x {n_envs} games")
     return (f"IQM {row['iqm_primary']:.3f} vs {row['iqm_other']:.3f}, difference {row['difference']:+.3f} "
             f"[{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] at {row['confidence']:.1%}, "
             f"P({primary} > {row['vs']}) {row['poi']:.2f} [{row['poi_low']:.2f}, {row['poi_high']:.2f}], "
-            f"{row['n_primary']} vs {row['n_other']} runs, pooled SD {row['pooled_sd']:.3f}, smallest detectable "
+            f"{runs}, pooled SD {row['pooled_sd']:.3f}, smallest detectable "
             f"difference {row['mde']:.3f}: {row['outcome']}")
 
 
